@@ -1,0 +1,177 @@
+"""Full-vocabulary KL: chunked_kl against the naive materialised-logits path.
+
+For each shape (N tokens, H hidden, V vocab) and each variant (naive, chunked at each
+chunk size) a fresh process builds the inputs, runs forward + backward of
+sum_n c_n KL_n w.r.t. the student hidden states (the head is frozen, as under LoRA),
+and reports its time and its peak memory above what the inputs already took
+(CPU: peak RSS, CUDA: max_memory_allocated). A separate process measures the
+relative error of the loss and the input gradient against a float64 reference on a
+smaller case. Prints a table and writes the raw numbers as JSON.
+
+    python bench/kl_bench.py                         # Qwen2.5-0.5B head, N = 2048
+    python bench/kl_bench.py --shapes 2048x896x151936 8192x896x151936 --chunks 128 256 512 1024 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from losses import chunked_kl, kl_from_logits  # noqa: E402
+
+
+def make_inputs(n: int, h: int, v: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """Student hidden states, a nearby teacher (self-distillation: q is close to p), the head."""
+    g = torch.Generator().manual_seed(seed)
+    hs = 3.0 * torch.randn(n, h, generator=g)
+    ht = hs + 0.3 * torch.randn(n, h, generator=g)
+    w = 0.02 * torch.randn(v, h, generator=g)
+    coeff = torch.rand(n, generator=g)  # per-token weights, like beta * gate / n_tokens
+    return [x.to(device=device, dtype=dtype) for x in (hs, ht, w, coeff)]
+
+
+def kl_loss(variant: str, hs, ht, w, coeff):
+    if variant == "naive":
+        kl = kl_from_logits(hs @ w.T, ht @ w.T)  # [N]
+    else:
+        kl = chunked_kl(hs, ht, w, chunk_size=int(variant))  # [N]
+    return (kl * coeff).sum()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int) -> dict:
+    hs, ht, w, coeff = make_inputs(n, h, v, device, torch.float32)
+    hs.requires_grad_()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    times = []
+    for _ in range(repeats):
+        hs.grad = None
+        sync()
+        t0 = time.perf_counter()
+        kl_loss(variant, hs, ht, w, coeff).backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"seconds": min(times), "peak_extra_bytes": peak}
+
+
+def worker_error(variant: str, n: int, h: int, v: int, device: str) -> dict:
+    """Relative error of loss and input gradient vs float64 (the reference runs in float64)."""
+    out = {}
+    for dtype in (torch.float64, torch.float32):
+        hs, ht, w, coeff = make_inputs(n, h, v, device, dtype, seed=1)
+        hs.requires_grad_()
+        loss = kl_loss(variant if dtype == torch.float32 else "naive", hs, ht, w, coeff)
+        loss.backward()
+        out[dtype] = (loss.detach().double(), hs.grad.double())
+    (l64, g64), (l32, g32) = out[torch.float64], out[torch.float32]
+    return {
+        "loss_rel_err": float((l32 - l64).abs() / l64.abs()),
+        "grad_rel_err": float((g32 - g64).norm() / g64.norm()),
+    }
+
+
+def run_worker(args: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["killed"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def naive_fits(n: int, v: int, device: str) -> bool:
+    """The naive path holds about six [N, V] float32 tensors at its peak."""
+    need = 6 * n * v * 4
+    if device == "cuda":
+        return need < torch.cuda.get_device_properties(0).total_memory * 0.9
+    return need < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["2048x896x151936"], help="NxHxV")
+    ap.add_argument("--chunks", nargs="+", type=int, default=[256, 512])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant; the best is kept")
+    ap.add_argument("--error-tokens", type=int, default=256, help="N of the float64 error check")
+    ap.add_argument("--json", default="bench/kl_bench.json")
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        kind, variant, n, h, v, device, repeats = a.worker
+        n, h, v, repeats = int(n), int(h), int(v), int(repeats)
+        res = (
+            worker_speed(variant, n, h, v, device, repeats)
+            if kind == "speed"
+            else worker_error(variant, n, h, v, device)
+        )
+        print(json.dumps(res))
+        return
+
+    rows = []
+    for shape in a.shapes:
+        n, h, v = (int(x) for x in shape.split("x"))
+        variants = ["naive"] + [str(c) for c in a.chunks]
+        for variant in variants:
+            row = {"shape": shape, "variant": variant, "device": a.device}
+            if variant == "naive" and not naive_fits(n, v, a.device):
+                row["error"] = "skipped: naive logits do not fit in memory"
+            else:
+                row.update(run_worker(["speed", variant, str(n), str(h), str(v), a.device, str(a.repeats)]))
+            row.update(run_worker(["error", variant, str(a.error_tokens), str(h), str(v), a.device, "1"]))
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    print_table(rows)
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps({"machine": machine(a.device), "rows": rows}, indent=1))
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def print_table(rows: list[dict]) -> None:
+    naive = {r["shape"]: r for r in rows if r["variant"] == "naive" and "seconds" in r}
+    print(f"\n{machine(rows[0]['device'])}")
+    print("| N x H x V | variant | fwd+bwd s | x naive | peak MiB | % naive | loss err | grad err |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = naive.get(r["shape"])
+        if "seconds" not in r:
+            print(f"| {r['shape']} | {r['variant']} | {r.get('error', '')} | | | | | |")
+            continue
+        speed = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
+        mem = f"{100 * r['peak_extra_bytes'] / base['peak_extra_bytes']:.1f}" if base else "-"
+        print(
+            f"| {r['shape']} | {r['variant']} | {r['seconds']:.2f} | {speed} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} | {mem} | {r.get('loss_rel_err', float('nan')):.1e} | "
+            f"{r.get('grad_rel_err', float('nan')):.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""SDPG's loss, term by term. Pure PyTorch: no model, no I/O.
+
+Self-Distilled Policy Gradient (arXiv 2606.04036) trains one policy pi_theta with
+three signals, summed per response token t of response i and averaged over tokens:
+
+    L = w_pg * L_pg(i, t)                                  outcome: DAPO dual-clip PPO
+      + beta(k) * g_i * KL(p_t || SG[q_t])                 distillation from the teacher
+      + alpha * f(log w_t)                                 anchor to the reference
+
+- A_i = (R_i - mean_G R) / (std_G R + eps) is the group-normalised advantage.
+- p_t = pi_theta(. | x, y<t) is the student, q_t = pi_theta(. | c, x, y<t) is the same
+  model shown the privileged context c (the teacher); SG = stop-gradient.
+- g_i = 1[A_i > 0] when the positive-advantage gate is on, else 1.
+- log w_t = log pi_theta(y_t) - log pi_ref(y_t) on the sampled token only.
+
+With beta = alpha = 0 this is exactly GRPO/DAPO; with w_pg = 0 it is pure
+self-distillation. The KL is exact over the whole vocabulary. `chunked_kl` computes it
+from final hidden states chunk by chunk, so no [N, V] logits tensor ever exists: at
+Qwen's V = 151,936 one such float32 tensor is 1.2 GB for 2,048 tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KL_MODES = ("fkl", "rkl", "ufkl", "urkl")
+AGG_MODES = ("token-mean", "seq-mean-token-mean")
+
+
+def group_advantages(
+    rewards: Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
+) -> Tensor:
+    """A_i = (R_i - mean_G) / (std_G + eps), rewards in group-contiguous order.
+
+    rewards: [B*G], rows i*G .. i*G+G-1 are the G responses to prompt i.
+    std_G is the unbiased sample std (Bessel's correction, as torch.std), so G >= 2.
+    scale_by_std=False gives R_i - mean_G (Dr. GRPO). A group whose rewards are all
+    equal carries no signal and gets exactly 0.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 to compare responses, got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be 1-D with a multiple of group_size={group_size} entries, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, group_size)  # [B, G]
+    adv = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    if scale_by_std:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    flat = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [B, 1]
+    return adv.masked_fill(flat, 0.0).reshape(-1)  # [B*G]
+
+
+def clipped_policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float = 10.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DAPO's dual-clip PPO surrogate per token.
+
+        r_t = exp(logp - old_logp)
+        L_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high))   (PPO, asymmetric)
+        L_t = min(L_t, c |A|)                                       only where A < 0
+
+    The second clip bounds the loss of a negative-advantage token whose ratio has run
+    far above 1 (dual-clip PPO, Ye et al. 2020). logp, old_logp, mask: [B, T];
+    advantages: [B] or [B, T]. Returns the per-token loss [B, T] (masked tokens are 0)
+    and masked-mean stats: clipfrac (the PPO clip is active) and clipfrac_lower (the
+    dual clip is active).
+    """
+    adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [B, 1|T]
+    valid = mask.bool()
+    ratio = torch.exp((logp - old_logp).masked_fill(~valid, 0.0))  # [B, T], padding -> 1
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    ppo = torch.maximum(loss_unclipped, loss_clipped)
+    dual = torch.minimum(ppo, -adv * clip_c)  # -A c = c |A| where A < 0
+    loss = torch.where(adv < 0, dual, ppo).masked_fill(~valid, 0.0)
+    m = mask.to(loss.dtype)
+    n = m.sum().clamp(min=1.0)
+    stats = {
+        "clipfrac": ((loss_clipped > loss_unclipped).to(m.dtype) * m).sum() / n,
+        "clipfrac_lower": (((ppo > -adv * clip_c) & (adv < 0)).to(m.dtype) * m).sum() / n,
+        "ratio": (ratio.detach() * m).sum() / n,
+    }
+    return loss, stats
+
+
+def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
+    """The alpha anchor f(log w) per sampled token, log w = logp - ref_logp.
+
+    fkl  = 1/w = pi_ref / pi_theta      (k3-style forward-KL estimator, no constant)
+    rkl  = 1/2 (log w + 1)^2
+    ufkl = 1/w + log w                  (unbiased forward KL up to a constant)
+    urkl = 1/2 (log w)^2                (default; d/dlogp = log w)
+    """
+    if mode not in KL_MODES:
+        raise ValueError(f"unknown kl mode {mode!r}: choose one of {', '.join(KL_MODES)}")
+    log_w = logp - ref_logp
+    if mode == "fkl":
+        return torch.exp(-log_w)
+    if mode == "rkl":
+        return 0.5 * (log_w + 1.0) ** 2
+    if mode == "ufkl":
+        return torch.exp(-log_w) + log_w
+    return 0.5 * log_w**2
+
+
+def beta_schedule(
+    step: int, total_steps: int, beta: float, warmup_steps: int = 0, decay_steps: int = 0
+) -> float:
+    """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay).
+
+    Linear warm-up over the first T_warm steps and linear decay to 0 over the last
+    T_decay steps; a factor whose length is 0 is left out. Never negative.
+    """
+    factor = 1.0
+    if warmup_steps > 0:
+        factor *= min(1.0, step / warmup_steps)
+    if decay_steps > 0:
+        factor *= min(1.0, max(0.0, (total_steps - step) / decay_steps))
+    return beta * factor
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float32 for half/bf16 inputs, float64 stays float64."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p || SG[q]) = sum_v p(v) (log p(v) - log q(v)) per position, [..., V] -> [...].
+
+    p = softmax(student / T), q = softmax(teacher / T), teacher detached. The readable
+    reference: it materialises every logit, so use it for small vocabularies and tests.
+    """
+    dtype = _compute_dtype(student_logits)
+    log_p = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [..., V]
+    log_q = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)  # [...]
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[n, v] b[n, v] without an [n, V] product temporary."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).view(-1)  # [n]
+
+
+def _chunk_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
+    """log softmax((h W^T + b) / T) for one chunk, computed in place in weight's dtype."""
+    z = hidden.to(weight.dtype) @ weight.T  # [n, V]
+    if bias is not None:
+        z += bias
+    if temperature != 1.0:
+        z /= temperature
+    z -= torch.logsumexp(z, dim=-1, keepdim=True)
+    return z  # [n, V] log-probabilities
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """Student log-probs, KL(p || SG[q]) and entropy from hidden states, chunk by chunk.
+
+    Per token, with z = (h W^T + b) / T, p = softmax(z_student), q = softmax(z_teacher):
+
+        KL      = sum_v p (log p - log q)         dKL/dz      = p * (log p - log q - KL)
+        logp[y] = log p(y)                        dlogp[y]/dz = onehot(y) - p
+
+    and dz/dh = W / T, dz/dW = h / T. Only [N]- and [N, H]-sized tensors outlive a
+    chunk, so memory is O(chunk * V), never O(N * V). Token n's outputs depend on h_n
+    alone, so when only the hidden states need a gradient (LoRA: the head is frozen)
+    forward also stores the per-token Jacobians dKL_n/dh_n and dlogp_n/dh_n ([N, H]
+    each) and backward is a weighted sum: no logits are recomputed. When the head
+    weight or bias needs a gradient (full fine-tuning), backward recomputes each chunk.
+    The teacher is stop-gradient: its hidden states get no gradient and the shared
+    weight is reached only through the student branch.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, weight, bias, targets, temperature, chunk_size, jacobians):
+        dtype = _compute_dtype(student)
+        w = weight.to(dtype)  # [V, H]
+        b = None if bias is None else bias.to(dtype)
+        n = student.shape[0]
+        kl, logp, entropy = (student.new_zeros(n, dtype=dtype) for _ in range(3))  # [N] each
+        jac_kl = student.new_zeros(student.shape, dtype=dtype) if jacobians else None  # [N, H]
+        jac_logp = student.new_zeros(student.shape, dtype=dtype) if jacobians else None  # [N, H]
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            log_p = _chunk_log_softmax(student[s:e], w, b, temperature)  # [n, V]
+            if targets is not None:
+                logp[s:e] = log_p.gather(1, targets[s:e, None]).squeeze(1)
+            p = log_p.exp()  # [n, V]
+            entropy[s:e] = -_rowdot(p, log_p)
+            if teacher is not None:
+                diff = _chunk_log_softmax(teacher[s:e], w, b, temperature)  # [n, V]
+                torch.sub(log_p, diff, out=diff)  # log p - log q
+                kl[s:e] = _rowdot(p, diff)
+                if jacobians:
+                    diff -= kl[s:e, None]
+                    diff *= p  # dKL/dz
+                    jac_kl[s:e] = (diff @ w) / temperature
+            if jacobians and targets is not None:
+                torch.neg(p, out=log_p).scatter_add_(1, targets[s:e, None], torch.ones_like(log_p[:, :1]))
+                jac_logp[s:e] = (log_p @ w) / temperature  # (onehot - p) W / T
+        ctx.save_for_backward(student, teacher, weight, bias, targets, kl, jac_kl, jac_logp)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return kl, logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_logp, _grad_entropy):
+        student, teacher, weight, bias, targets, kl, jac_kl, jac_logp = ctx.saved_tensors
+        if jac_kl is not None:  # hidden states only: combine the stored Jacobians
+            grad_h = jac_kl * grad_kl[:, None] + jac_logp * grad_logp[:, None]  # [N, H]
+            return grad_h.to(student.dtype), None, None, None, None, None, None, None
+        T, chunk = ctx.temperature, ctx.chunk_size
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dtype = kl.dtype
+        w = weight.to(dtype)  # [V, H]
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.zeros_like(student, dtype=dtype) if need_h else None  # [N, H]
+        grad_w = torch.zeros_like(w) if need_w else None  # [V, H]
+        grad_b = torch.zeros_like(b) if need_b else None  # [V]
+        for s in range(0, student.shape[0], chunk):
+            e = min(s + chunk, student.shape[0])
+            h = student[s:e].to(dtype)  # [n, H]
+            log_p = _chunk_log_softmax(h, w, b, T)  # [n, V]
+            if teacher is not None:
+                g = _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V] log q
+                torch.sub(log_p, g, out=g)
+                g -= kl[s:e, None]  # log p - log q - KL
+                p = log_p.exp_()  # [n, V], in place: log_p is not needed any more
+                g *= p
+                g *= grad_kl[s:e, None].to(dtype)  # dKL/dz * dL/dKL
+            else:
+                p = log_p.exp_()
+                g = torch.zeros_like(p)
+            if targets is not None:
+                gl = grad_logp[s:e, None].to(dtype)  # [n, 1]
+                g.addcmul_(p, gl, value=-1.0)  # - p dlogp
+                g.scatter_add_(1, targets[s:e, None], gl)  # + onehot(y) dlogp
+            g /= T
+            if need_h:
+                grad_h[s:e] = g @ w
+            if need_w:
+                grad_w.addmm_(g.T, h)
+            if need_b:
+                grad_b += g.sum(0)
+        grad_h = grad_h.to(student.dtype) if need_h else None
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, None, grad_w, grad_b, None, None, None, None
+
+
+def chunked_head(
+    student_hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunked pass over the LM head: (logp [N], kl [N], entropy [N]).
+
+    student_hidden, teacher_hidden: [N, H] final hidden states of the N response tokens
+    (already masked and flattened); weight: [V, H]; targets: [N] sampled token ids.
+    logp is log p(targets) (zeros if targets is None), kl is KL(p || SG[q]) (zeros if
+    teacher_hidden is None), entropy is -sum p log p (no gradient). Everything is
+    computed in float32 (float64 stays float64) whatever the input dtype.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    teacher = None if teacher_hidden is None else teacher_hidden.detach()
+    head_needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    jacobians = torch.is_grad_enabled() and student_hidden.requires_grad and not head_needs_grad
+    kl, logp, entropy = _ChunkedHead.apply(
+        student_hidden, teacher, weight, bias, targets, temperature, chunk_size, jacobians
+    )
+    return logp, kl, entropy
+
+
+def chunked_kl(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+) -> Tensor:
+    """KL(p || SG[q]) per token [N] from hidden states [N, H] and LM head [V, H].
+
+    Equal to kl_from_logits(h_s W^T + b, h_t W^T + b, T) but chunked over tokens so no
+    [N, V] tensor exists in forward or backward; see _ChunkedHead for the gradient.
+    """
+    return chunked_head(student_hidden, weight, None, teacher_hidden, bias, temperature, chunk_size)[1]
+
+
+def _aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
+    """Masked mean of a [B, T] loss: over all tokens, or per sequence then over rows.
+
+    normalizer replaces this call's own count (tokens, or rows for seq-mean) so that
+    micro-batches summed under gradient accumulation give the whole batch's mean.
+    """
+    m = mask.to(per_token.dtype)
+    per_token = per_token.masked_fill(~mask.bool(), 0.0)
+    if agg == "token-mean":
+        return (per_token * m).sum() / (normalizer or m.sum().clamp(min=1.0))
+    if agg == "seq-mean-token-mean":
+        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # [B]
+        return per_seq.sum() / (normalizer or per_token.shape[0])
+    raise ValueError(f"unknown loss aggregation {agg!r}: choose one of {', '.join(AGG_MODES)}")
+
+
+def sdpg_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    kl: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    *,
+    beta: float = 0.0,
+    alpha: float = 0.0,
+    kl_mode: str = "urkl",
+    outcome_weight: float = 1.0,
+    positive_adv_only: bool = False,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float = 10.0,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """The SDPG objective on one (micro-)batch; see the module docstring.
+
+    logp, old_logp, mask, kl, ref_logp: [B, T] over response tokens; advantages [B] or
+    [B, T]. kl is the per-token KL(p || SG[q]) (from chunked_head); it may be None when
+    beta == 0, and ref_logp may be None when alpha == 0. Returns the scalar loss and
+    float metrics (masked means over this call's tokens).
+    """
+    if beta != 0.0 and kl is None:
+        raise ValueError("beta != 0 needs the per-token distillation kl")
+    if alpha != 0.0 and ref_logp is None:
+        raise ValueError("alpha != 0 needs the reference log-probs ref_logp")
+    pg, stats = clipped_policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, clip_c)
+    per_token = outcome_weight * pg  # [B, T]
+    pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
+    m = mask.to(logp.dtype)
+    n = m.sum().clamp(min=1.0)
+    metrics = {"pg_loss": float((pg.detach() * m).sum() / n)}
+    if kl is not None:
+        kl = kl.masked_fill(pad, 0.0)
+        adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
+        gate = (adv > 0).to(kl.dtype)[:, None] if positive_adv_only else 1.0  # [B, 1]
+        per_token = per_token + beta * gate * kl
+        metrics["kl_distill"] = float((kl.detach() * m).sum() / n)
+    if ref_logp is not None:
+        lp, rlp = logp.masked_fill(pad, 0.0), ref_logp.masked_fill(pad, 0.0)  # [B, T]
+        anchor = reference_kl(lp, rlp, kl_mode).masked_fill(pad, 0.0)
+        per_token = per_token + alpha * anchor
+        metrics["ref_kl"] = float((anchor.detach() * m).sum() / n)
+    loss = _aggregate(per_token, mask, agg, normalizer)
+    metrics.update({k: float(v) for k, v in stats.items()})
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics

@@ -1,0 +1,217 @@
+"""The rule-based verifier: R_i = 1 if response i's final answer equals the gold answer.
+
+SDPG's outcome term needs only a scalar reward per response. For math with a single
+final answer that reward is a rule: pull the final answer out of the completion, put
+both it and the gold answer in a canonical form, compare.
+
+Extraction, first rule that finds something wins:
+  1. the last balanced \\boxed{...} (or \\fbox{...}), nested braces allowed;
+  2. GSM8K's "#### 42";
+  3. "... the answer is 42";
+  4. optionally (on by default, off for MATH-style data) the last number in the text.
+
+Comparison: numbers compare as exact fractions with a 1e-6 relative tolerance
+(0.5 = \\frac12 = 1/2; "%", "$", units and thousands separators are dropped, so
+50% = 50 and $1,234 = 1234), anything else compares as a normalised string.
+
+Model output is text and only ever text: nothing is eval'ed, no sympy, and every step
+is a bounded scan: at most MAX_TRIES boxes of at most MAX_BOX characters, answers
+longer than MAX_BOX compare as exact text, numbers longer than MAX_DIGITS digits as
+strings. Any string, 1 MB of "{" included, is verified in milliseconds, never raising.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+
+MAX_BOX = 1000  # longest \boxed{...} content we look at
+MAX_TRIES = 20  # how many \boxed occurrences, from the end, may be unbalanced before giving up
+MAX_DIGITS = 100  # longer numbers compare digit-for-digit as strings
+REL_TOL = Fraction(1, 10**6)
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BRACE = re.compile(r"[{}]")
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_FRAC_BRACED = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_FRAC_DIGITS = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")
+_THOUSANDS = re.compile(r"^-?\d{1,3}(,\d{3})+(\.\d+)?$")
+_NUMBER = re.compile(r"^-?(\d+\.?\d*|\.\d+)$")
+_FRACTION = re.compile(r"^(-?)\(?(-?[\d.]+)\)?/\(?(-?[\d.]+)\)?$")
+_NUMBER_THEN_WORDS = re.compile(r"^(-?[\d.,/]*\d)\s*[a-zA-Z][a-zA-Z .]*$")
+_LAST_NUMBER_REVERSED = re.compile(r"\d[\d.,]*-?")  # the last number, read backwards
+_FIRST_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+@dataclass
+class Verdict:
+    """What the verifier found, for logging: the reward and why."""
+
+    reward: float
+    extracted: str | None  # the answer pulled from the completion, as written
+    method: str  # "boxed", "####", "answer is", "last number" or "none"
+    reason: str
+
+
+def _box_content(text: str, start: int) -> str | None:
+    """Content of the brace group opening at or after `start` (spaces allowed), if balanced."""
+    i = start
+    while i < len(text) and i - start < 10 and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    window = text[i : i + MAX_BOX + 2]
+    for m in _BRACE.finditer(window):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return window[1 : m.start()]
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last balanced \\boxed{...} or \\fbox{...}."""
+    end = len(text)
+    for _ in range(MAX_TRIES):
+        hits = [(text.rfind(cmd, 0, end), cmd) for cmd in _BOX_COMMANDS]
+        pos, cmd = max(hits)
+        if pos < 0:
+            return None
+        content = _box_content(text, pos + len(cmd))
+        if content is not None:
+            return content
+        end = pos
+    return None
+
+
+def _last_number(text: str) -> str | None:
+    """The last number in the text, found by one regex search over the reversed string."""
+    m = _LAST_NUMBER_REVERSED.search(text[::-1])
+    return m.group()[::-1].rstrip(".,") if m else None
+
+
+def extract_answer(completion: str, last_number_fallback: bool = True) -> tuple[str | None, str]:
+    """(answer as written, method) from a completion; (None, "none") if nothing is found."""
+    text = completion.replace("\u2212", "-")
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed, "boxed"
+    pos = text.rfind("####")
+    if pos >= 0:
+        return text[pos + 4 :].split("\n", 1)[0][:MAX_BOX].strip(), "####"
+    pos = text.lower().rfind("answer is")
+    if pos >= 0:
+        tail = text[pos + 9 : pos + 9 + MAX_BOX].split("\n", 1)[0].lstrip(" :$")
+        number = _FIRST_NUMBER.match(tail)  # "42, because ..." -> "42"
+        return (number.group() if number else tail.split(". ", 1)[0]).strip(), "answer is"
+    if last_number_fallback:
+        number = _last_number(text)
+        if number is not None:
+            return number, "last number"
+    return None, "none"
+
+
+def normalize(answer: str) -> str:
+    """Canonical text of an answer: no LaTeX decoration, units, $, %, or separators."""
+    s = answer.replace("\u2212", "-").replace("\x00", "")
+    s = _TEXT_CMD.sub(r"\1", s)
+    s = _FRAC_BRACED.sub(r"(\1)/(\2)", s)
+    s = _FRAC_DIGITS.sub(r"\1/\2", s)
+    for junk in (
+        "\\left",
+        "\\right",
+        "\\!",
+        "\\,",
+        "\\;",
+        "\\ ",
+        "\\$",
+        "\\%",
+        "$",
+        "%",
+        "^\\circ",
+        "^{\\circ}",
+        "°",
+    ):
+        s = s.replace(junk, "")
+    s = s.strip().rstrip(".").strip()
+    if s.startswith("+"):
+        s = s[1:]
+    m = _NUMBER_THEN_WORDS.match(s)
+    if m:  # "72 dollars", "5 cm" -> the number
+        s = m.group(1)
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    s = s.replace(" ", "")
+    return s.lower()
+
+
+def to_number(s: str) -> Fraction | None:
+    """An exact Fraction for '12', '-0.5', '.5', '3/4', '(1)/(2)'; None for anything else."""
+    if sum(c.isdigit() for c in s[: 4 * MAX_DIGITS]) > MAX_DIGITS or len(s) > 4 * MAX_DIGITS:
+        return None
+    if _NUMBER.match(s):
+        return Fraction(s)
+    m = _FRACTION.match(s)
+    if m and _NUMBER.match(m.group(2)) and _NUMBER.match(m.group(3)):
+        den = Fraction(m.group(3))
+        if den == 0:
+            return None
+        value = Fraction(m.group(2)) / den
+        return -value if m.group(1) else value
+    return None
+
+
+def parse_gold(gold: str) -> str:
+    """The gold answer: after '####' for GSM8K-style solutions, else the text as given."""
+    pos = gold.rfind("####")
+    return gold[pos + 4 :].strip() if pos >= 0 else gold.strip()
+
+
+def answers_match(pred: str, gold: str) -> bool:
+    """Numeric equality within REL_TOL, else string equality after normalisation."""
+    if max(len(pred), len(gold)) > MAX_BOX:  # no real answer is this long: exact text only
+        return pred.strip() == gold.strip()
+    p, g = normalize(pred), normalize(gold)
+    pn, gn = to_number(p), to_number(g)
+    if pn is not None and gn is not None:
+        return pn == gn if gn == 0 else abs(pn - gn) <= REL_TOL * abs(gn)
+    return p == g and p != ""
+
+
+def verify(completion: str, gold: str, last_number_fallback: bool = True) -> Verdict:
+    """Extract the final answer from `completion` and compare it with `gold`."""
+    answer, method = extract_answer(completion, last_number_fallback)
+    if answer is None:
+        return Verdict(0.0, None, method, "no final answer found")
+    target = parse_gold(gold)
+    if answers_match(answer, target):
+        return Verdict(1.0, answer, method, "match")
+    shown = [normalize(x[:MAX_BOX])[:50] for x in (answer, target)]
+    return Verdict(0.0, answer, method, f"{shown[0]!r} != {shown[1]!r}")
+
+
+def reward(completion: str, gold: str) -> float:
+    """1.0 if the completion's final answer equals the gold answer, else 0.0."""
+    return verify(completion, gold).reward
+
+
+def make_reward_fn(name: str = "rule", last_number_fallback: bool = True) -> Callable[[str, str], float]:
+    """The reward function for --verifier: 'rule' (this module) or 'math-verify' (HF's)."""
+    if name == "rule":
+        return lambda completion, gold: verify(completion, gold, last_number_fallback).reward
+    if name == "math-verify":
+        try:
+            import math_verify
+        except ImportError as e:
+            raise RuntimeError(
+                "--verifier math-verify needs the math-verify package: pip install math-verify"
+            ) from e
+
+        def math_verify_reward(completion: str, gold: str) -> float:
+            gold_parsed = math_verify.parse(parse_gold(gold))
+            return float(math_verify.verify(gold_parsed, math_verify.parse(completion)))
+
+        return math_verify_reward
+    raise ValueError(f"unknown verifier {name!r}: choose 'rule' or 'math-verify'")
