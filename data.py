@@ -1,0 +1,141 @@
+"""Tasks: questions with a gold answer and the privileged context the teacher sees.
+
+SDPG needs, per prompt, the question x, the gold answer for the verifier, and a
+privileged context c that only the teacher view gets. By default c is built from the
+answer with a template (rollout.DEFAULT_CONTEXT); a source may instead give c verbatim
+(e.g. GSM8K's worked solution, or a `context` column).
+
+Sources:
+- `arithmetic`: built in, generated offline from a seed; the default task. Two-digit
+  additions and subtractions and small products, phrased as short word problems, with a
+  fixed held-out split that never overlaps the training stream.
+- `gsm8k`: `openai/gsm8k` (config `main`) through `datasets`; gold = text after '####'.
+- a local `.jsonl`, `.json`, `.parquet` or `.csv` file with columns `question` and
+  `answer` and optional `context`. A `question` that holds the authors' separator
+  `[TEACHER_CONTEXT_TOKEN]` is split there into question and context (verl data format).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
+
+
+@dataclass
+class Example:
+    """One prompt: what the student sees, the gold answer, what only the teacher sees."""
+
+    question: str
+    answer: str
+    context: str | None = None  # privileged text used verbatim; None: template from answer
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message says what to change."""
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+_NAMES = ["Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy"]
+_ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
+
+
+def arithmetic_example(rng: random.Random) -> Example:
+    """A word problem a + b, a - b (a >= b) or a * b with small operands."""
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    op = rng.choice("+-*")
+    if op == "+":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} now?", a + b
+    elif op == "-":
+        a = rng.randint(20, 99)
+        b = rng.randint(10, a)
+        q, ans = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+    else:
+        a, b = rng.randint(2, 9), rng.randint(10, 30)
+        q, ans = f"{name} buys {a} boxes of {b} {item}. How many {item} in all?", a * b
+    return Example(q, str(ans))
+
+
+def arithmetic_split(n: int, split: str, seed: int = 0) -> list[Example]:
+    """n examples: 'test' is fixed (its own seed); 'train' follows `seed` and never
+    repeats a test question."""
+    if split == "test":
+        rng = random.Random(HELD_OUT_SEED)
+        return [arithmetic_example(rng) for _ in range(n)]
+    held_out = {e.question for e in arithmetic_split(500, "test")}
+    rng, out = random.Random(seed), []
+    while len(out) < n:
+        ex = arithmetic_example(rng)
+        if ex.question not in held_out:
+            out.append(ex)
+    return out
+
+
+# ---------------------------------------------------------------- GSM8K and files
+
+
+def gsm8k_split(split: str, solution_as_context: bool = False) -> list[Example]:
+    """GSM8K from the hub (or the local HF cache); gold = the number after '####'."""
+    import datasets
+
+    ds = datasets.load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
+    out = []
+    for row in ds:
+        solution, _, gold = row["answer"].rpartition("####")
+        context = solution.strip() + f"\nThe final answer is {gold.strip()}." if solution_as_context else None
+        out.append(Example(row["question"], gold.strip(), context))
+    return out
+
+
+def split_teacher_context(question: str) -> tuple[str, str | None]:
+    """'x [TEACHER_CONTEXT_TOKEN] c' -> ('x', 'c'); no separator -> (question, None)."""
+    if TEACHER_CONTEXT_TOKEN not in question:
+        return question, None
+    q, _, c = question.partition(TEACHER_CONTEXT_TOKEN)
+    return q.strip(), c.strip() or None
+
+
+def file_examples(path: str | Path) -> list[Example]:
+    """Examples from a local .jsonl/.json/.parquet/.csv with question/answer[/context]."""
+    import datasets
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file not found: {path}")
+    kind = FILE_TYPES.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"unsupported dataset file type {path.suffix!r}: use one of {', '.join(FILE_TYPES)}")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise DataError(f"could not read {path} as {kind}: {type(e).__name__}: {e}") from e
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        raise DataError(
+            f"{path} needs columns 'question' and 'answer' (optional 'context'); "
+            f"found {', '.join(ds.column_names) or 'none'}"
+        )
+    if len(ds) == 0:
+        raise DataError(f"{path} holds no rows")
+    out = []
+    for row in ds:
+        question, context = split_teacher_context(str(row["question"]))
+        if row.get("context"):
+            context = str(row["context"])
+        out.append(Example(question, str(row["answer"]), context))
+    return out
+
+
+def load_task(name: str, split: str, n: int = 0, seed: int = 0) -> list[Example]:
+    """`arithmetic`, `gsm8k`, or a file path; n > 0 keeps the first n examples."""
+    if name == "arithmetic":
+        return arithmetic_split(n or (2000 if split == "train" else 200), split, seed)
+    examples = gsm8k_split(split) if name == "gsm8k" else file_examples(name)
+    return examples[:n] if n > 0 else examples

@@ -1,0 +1,20 @@
+"""Shared fixtures: one tiny offline Qwen2 model folder per test session."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture()
+def tiny(tiny_path):
+    """A fresh (model, tokenizer) pair in float32; tests may change the model freely."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(tiny_path)

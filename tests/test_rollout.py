@@ -1,0 +1,220 @@
+"""rollout.py, data.py and tiny_model.py on the tiny offline model."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import data
+from data import DataError, Example, arithmetic_split, file_examples, split_teacher_context
+from rollout import (
+    DEFAULT_CONTEXT,
+    eos_ids,
+    left_pad,
+    prompt_texts,
+    response_hidden,
+    response_mask,
+    rollout,
+    score_tokens,
+    view_logprobs,
+)
+from tiny_model import train_tokenizer
+
+EXAMPLES = [
+    Example("Ann has 12 pens and gets 30 more. How many pens now?", "42"),
+    Example("Ben buys 3 boxes of 11 coins. How many coins in all?", "33", context="It is 3 * 11 = 33."),
+]
+
+
+def logits_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature=1.0):
+    """The reference: full logits of the whole sequence, log_softmax in float64, gather."""
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits  # [B, L, V]
+    lp = prompt_ids.shape[1]
+    logp = torch.log_softmax(logits[:, lp - 1 : -1].double() / temperature, -1)  # [B, T, V]
+    return logp.gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
+
+
+def test_response_mask_includes_first_eos_only():
+    ids = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9], [0, 0, 0, 0, 0], [5, 2, 3, 0, 0]])
+    mask, truncated = response_mask(ids, [0, 2])  # two EOS ids, as Qwen's instruct models have
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False, False]
+
+
+def test_eos_ids_accepts_a_list(tiny):
+    model, tok = tiny
+    model.generation_config.eos_token_id = [7, tok.eos_token_id]
+    assert eos_ids(model, tok) == [7, tok.eos_token_id]
+    model.generation_config.eos_token_id = 9
+    assert eos_ids(model, tok) == [9, tok.eos_token_id]
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4], []], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_prompt_views(tiny):
+    _, tok = tiny
+    student, teacher = prompt_texts(tok, EXAMPLES[0])
+    assert EXAMPLES[0].question in student and "42" not in student
+    assert DEFAULT_CONTEXT.format(answer="42") in teacher and "\\boxed{}" in teacher
+    _, teacher2 = prompt_texts(tok, EXAMPLES[1])
+    assert "It is 3 * 11 = 33." in teacher2 and "The correct answer" not in teacher2
+
+
+def test_chat_template_is_used_when_present(tiny):
+    _, tok = tiny
+    tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    student, teacher = prompt_texts(tok, EXAMPLES[0])
+    assert student.startswith("<u>") and student.endswith("</u><a>")
+    assert "The correct answer" in teacher
+
+
+def test_rollout_batch_shapes_and_shared_response(tiny):
+    model, tok = tiny
+    b = rollout(model, tok, EXAMPLES, group_size=3, max_new_tokens=6, temperature=1.0, seed=1)
+    n = len(EXAMPLES) * 3
+    assert b.student_ids.shape[0] == b.teacher_ids.shape[0] == b.response_ids.shape[0] == n
+    assert b.group.tolist() == [0, 0, 0, 1, 1, 1]
+    assert b.answers == ["42"] * 3 + ["33"] * 3
+    assert b.response_ids.shape[1] <= 6 and len(b.completions) == n
+    # each row's prompts are that example's, in both views
+    for i, ex in enumerate(EXAMPLES):
+        s_text, t_text = prompt_texts(tok, ex)
+        row = i * 3
+        assert tok.decode(b.student_ids[row][b.student_mask[row].bool()]) == s_text
+        assert tok.decode(b.teacher_ids[row][b.teacher_mask[row].bool()]) == t_text
+    # the mask ends at the first EOS; the truncated flag is the absence of EOS
+    m2, t2 = response_mask(b.response_ids, eos_ids(model, tok))
+    assert torch.equal(m2, b.response_mask) and torch.equal(t2, b.truncated)
+
+
+def test_rollout_is_deterministic_under_a_seed(tiny):
+    model, tok = tiny
+    a = rollout(model, tok, EXAMPLES, 4, 8, seed=7)
+    b = rollout(model, tok, EXAMPLES, 4, 8, seed=7)
+    c = rollout(model, tok, EXAMPLES, 4, 8, seed=8)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_forced_length_and_greedy(tiny):
+    model, tok = tiny
+    b = rollout(model, tok, EXAMPLES, 2, 5, min_new_tokens=5, seed=0)
+    assert b.response_ids.shape[1] == 5 and b.response_mask[:, :4].all()
+    g1 = rollout(model, tok, EXAMPLES, 2, 5, temperature=0.0, seed=0)
+    g2 = rollout(model, tok, EXAMPLES, 2, 5, temperature=0.0, seed=1)
+    assert torch.equal(g1.response_ids, g2.response_ids)
+    assert torch.equal(g1.response_ids[0], g1.response_ids[1])  # greedy: the group agrees
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_hidden_state_logprobs_equal_logits_path(tiny, temperature):
+    model, tok = tiny
+    b = rollout(model, tok, EXAMPLES, 3, 8, seed=3)
+    head = model.get_output_embeddings()
+    for ids, mask in ((b.student_ids, b.student_mask), (b.teacher_ids, b.teacher_mask)):
+        h = response_hidden(model, ids, mask, b.response_ids, b.response_mask)
+        logp, _, _ = score_tokens(head, h, b.response_ids, b.response_mask, temperature=temperature)
+        ref = logits_logprobs(model, ids, mask, b.response_ids, b.response_mask, temperature)
+        torch.testing.assert_close(logp.double(), ref, atol=1e-5, rtol=1e-5)
+        assert (logp[b.response_mask == 0] == 0).all()
+
+
+def test_teacher_kl_through_hidden_states_matches_logits(tiny):
+    model, tok = tiny
+    b = rollout(model, tok, EXAMPLES, 2, 6, seed=4)
+    head = model.get_output_embeddings()
+    hs = response_hidden(model, b.student_ids, b.student_mask, b.response_ids, b.response_mask)
+    ht = response_hidden(model, b.teacher_ids, b.teacher_mask, b.response_ids, b.response_mask)
+    _, kl, _ = score_tokens(head, hs, b.response_ids, b.response_mask, ht)
+    zs, zt = head(hs).double(), head(ht).double()
+    p, q = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    ref = (p.exp() * (p - q)).sum(-1) * b.response_mask
+    torch.testing.assert_close(kl.double(), ref, atol=1e-5, rtol=1e-5)
+    assert kl.abs().sum() > 0  # the views differ, so the KL is not trivially zero
+
+
+def test_left_padding_invariance(tiny):
+    model, tok = tiny
+    short = Example("Eli has 5 pens. How many?", "5")
+    b = rollout(model, tok, [*EXAMPLES, short], 2, 6, seed=5)
+    together = view_logprobs(model, b, temperature=1.0)
+    # row 4 is the short example, left-padded in the batch: rescore it alone, unpadded
+    row = 4
+    keep = b.student_mask[row].bool()
+    alone = b.rows(slice(row, row + 1))
+    alone.student_ids, alone.student_mask = (
+        b.student_ids[row : row + 1, keep],
+        b.student_mask[row : row + 1, keep],
+    )
+    assert alone.student_ids.shape[1] < b.student_ids.shape[1]  # it really was padded
+    torch.testing.assert_close(view_logprobs(model, alone, 1.0)[0], together[row], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- data and the tiny model
+
+
+def test_tokenizer_reloads_identically(tiny_path):
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    fresh = train_tokenizer(seed=0)
+    text = "Question: Dee has 93 shells and gives away 17. How many shells are left?\nAnswer: \\boxed{76}"
+    assert tok(text)["input_ids"] == fresh(text)["input_ids"]
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert [tok.decode([i]) for i in tok("1234")["input_ids"]] == ["1", "2", "3", "4"]  # Qwen: digit by digit
+
+
+def test_arithmetic_split_is_fixed_and_disjoint():
+    test = arithmetic_split(200, "test")
+    assert [e.question for e in test] == [e.question for e in arithmetic_split(200, "test")]
+    train = arithmetic_split(1000, "train", seed=3)
+    assert not {e.question for e in train} & {e.question for e in arithmetic_split(500, "test")}
+    assert [e.question for e in train] != [e.question for e in arithmetic_split(1000, "train", seed=4)]
+    for e in train[:50]:
+        nums = [int(t) for t in e.question.replace("?", " ").replace(".", " ").split() if t.isdigit()]
+        a, b = nums[0], nums[1]
+        assert int(e.answer) in (a + b, a - b, a * b)
+
+
+def test_file_examples_formats_and_errors(tmp_path):
+    rows = [
+        {"question": "1+1?", "answer": "2"},
+        {"question": "2+2? [TEACHER_CONTEXT_TOKEN] It is four.", "answer": "4"},
+        {"question": "3+3?", "answer": "6", "context": "Six."},
+    ]
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows))
+    ex = file_examples(p)
+    assert [(e.question, e.answer, e.context) for e in ex] == [
+        ("1+1?", "2", None),
+        ("2+2?", "4", "It is four."),
+        ("3+3?", "6", "Six."),
+    ]
+    csv = tmp_path / "d.csv"
+    csv.write_text("question,answer\nwhat,7\n")
+    assert file_examples(csv)[0].answer == "7"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "solution": "y"}))
+    with pytest.raises(DataError, match="needs columns 'question' and 'answer'.*found prompt, solution"):
+        file_examples(bad)
+    with pytest.raises(DataError, match="not found"):
+        file_examples(tmp_path / "missing.jsonl")
+    (tmp_path / "d.txt").write_text("question,answer\n")
+    with pytest.raises(DataError, match="unsupported dataset file type"):
+        file_examples(tmp_path / "d.txt")
+    garbage = tmp_path / "g.parquet"
+    garbage.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="could not read"):
+        file_examples(garbage)
+    assert split_teacher_context("q [TEACHER_CONTEXT_TOKEN] ") == ("q", None)
+
+
+def test_load_task_arithmetic_default_sizes():
+    assert len(data.load_task("arithmetic", "test")) == 200
+    assert len(data.load_task("arithmetic", "train", n=10)) == 10

@@ -1,0 +1,96 @@
+"""The tiny offline model: a small Qwen2 built from nothing, so everything runs offline.
+
+Tests and the default demo need a real causal LM without the Hugging Face hub. This
+module trains a byte-level BPE tokenizer on the arithmetic task's own text, with
+Qwen2's pre-tokenizer (same regex, NFC, byte-level), and wraps it in transformers'
+`Qwen2Tokenizer`, so `AutoTokenizer.from_pretrained` reloads it with identical ids. The
+model is a randomly initialised `Qwen2ForCausalLM` of a few layers. Both are saved with
+`save_pretrained` (safetensors) and load like any hub model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+from data import arithmetic_example
+from rollout import DEFAULT_CONTEXT, INSTRUCTION
+
+EOS = "<|endoftext|>"
+QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
+    """Text the tokenizer learns from: both prompt views and answers of the task."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        ex = arithmetic_example(rng)
+        context = DEFAULT_CONTEXT.format(answer=ex.answer)
+        out.append(f"Question: {ex.question}\n{context}\n{INSTRUCTION}\nAnswer: \\boxed{{{ex.answer}}}")
+    return out
+
+
+def train_tokenizer(vocab_size: int = 384, seed: int = 0) -> Qwen2Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokenizer, as a transformers Qwen2Tokenizer."""
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(tokenizer_corpus(seed=seed), trainer)
+    trained = json.loads(bpe.to_str())["model"]  # vocab and ordered merges
+    merges = [tuple(m) for m in trained["merges"]]
+    return Qwen2Tokenizer(vocab=trained["vocab"], merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS)
+
+
+def build_tiny_model(
+    path: str | Path,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int = 192,
+) -> Path:
+    """Build, save and return a folder holding a random tiny Qwen2 and its tokenizer."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(seed=seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
