@@ -152,14 +152,13 @@ def _rowdot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _chunk_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-    """log softmax((h W^T + b) / T) for one chunk, computed in place in weight's dtype."""
+    """log softmax((h W^T + b) / T) for one chunk in weight's dtype; the logits die here."""
     z = hidden.to(weight.dtype) @ weight.T  # [n, V]
     if bias is not None:
         z += bias
     if temperature != 1.0:
         z /= temperature
-    z -= torch.logsumexp(z, dim=-1, keepdim=True)
-    return z  # [n, V] log-probabilities
+    return torch.log_softmax(z, dim=-1)  # [n, V]
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -191,13 +190,14 @@ class _ChunkedHead(torch.autograd.Function):
         jac_logp = student.new_zeros(student.shape, dtype=dtype) if jacobians else None  # [N, H]
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
+            # teacher first: then at most three [n, V] tensors are alive at any moment
+            diff = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, temperature)  # log q
             log_p = _chunk_log_softmax(student[s:e], w, b, temperature)  # [n, V]
             if targets is not None:
                 logp[s:e] = log_p.gather(1, targets[s:e, None]).squeeze(1)
             p = log_p.exp()  # [n, V]
             entropy[s:e] = -_rowdot(p, log_p)
-            if teacher is not None:
-                diff = _chunk_log_softmax(teacher[s:e], w, b, temperature)  # [n, V]
+            if diff is not None:
                 torch.sub(log_p, diff, out=diff)  # log p - log q
                 kl[s:e] = _rowdot(p, diff)
                 if jacobians:
@@ -229,9 +229,9 @@ class _ChunkedHead(torch.autograd.Function):
         for s in range(0, student.shape[0], chunk):
             e = min(s + chunk, student.shape[0])
             h = student[s:e].to(dtype)  # [n, H]
+            g = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V] log q
             log_p = _chunk_log_softmax(h, w, b, T)  # [n, V]
-            if teacher is not None:
-                g = _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V] log q
+            if g is not None:
                 torch.sub(log_p, g, out=g)
                 g -= kl[s:e, None]  # log p - log q - KL
                 p = log_p.exp_()  # [n, V], in place: log_p is not needed any more
