@@ -11,7 +11,9 @@ model is a randomly initialised `Qwen2ForCausalLM` of a few layers. Both are sav
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from data import arithmetic_example
 from rollout import DEFAULT_CONTEXT, INSTRUCTION
 
 EOS = "<|endoftext|>"
+TINY_VERSION = "v1"  # bump when the recipe changes, so caches rebuild
 QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -93,4 +96,22 @@ def build_tiny_model(
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """--cache-dir, else $SDPG_CACHE, else ~/.cache/sdpg."""
+    return Path(cache_dir or os.environ.get("SDPG_CACHE") or Path.home() / ".cache" / "sdpg")
+
+
+def ensure_tiny_model(cache_dir: str | None = None, seed: int = 0) -> Path:
+    """The cached tiny model folder, built on first use (into a temporary folder, then
+    renamed, so an interrupted build never leaves a half-written model behind)."""
+    path = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        build_tiny_model(Path(tmp) / "model", seed=seed)
+        os.replace(Path(tmp) / "model", path)
     return path

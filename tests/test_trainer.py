@@ -1,0 +1,231 @@
+"""sdpg.py: the training loop on the tiny offline model, against independent references."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import sdpg
+from data import arithmetic_split
+from rollout import rollout, view_logprobs
+from verifier import reward
+
+EXAMPLES = arithmetic_split(4, "train", seed=1)
+
+
+def varied_reward(completion: str, gold: str) -> float:
+    """A random model is never right; this reward still splits every group."""
+    return float(len(completion) % 2)
+
+
+def make_args(tiny_path, *extra: str):
+    argv = [
+        "--model",
+        str(tiny_path),
+        "--num-generations",
+        "4",
+        "--batch-prompts",
+        "2",
+        "--max-new-tokens",
+        "6",
+    ]
+    argv += ["--micro-batch", "3", "--lr", "1e-2", "--steps", "2", "--eval-size", "4", "--eval-samples", "2"]
+    return sdpg.resolve_defaults(sdpg.build_parser().parse_args([*argv, *extra]))
+
+
+def split_params(model):
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    return lora, base
+
+
+def run_steps(args, n=2, reward_fn=varied_reward):
+    model, tok, reference = sdpg.load_policy(args)
+    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
+    before = split_params(model)
+    metrics = []
+    for step in range(n):
+        examples = EXAMPLES[2 * step : 2 * step + 2]
+        metrics.append(sdpg.train_step(model, reference, optimizer, tok, examples, step, args, reward_fn)[0])
+    return model, tok, before, metrics
+
+
+@pytest.mark.parametrize("algo", ["sdpg", "grpo", "opd"])
+def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
+    args = make_args(tiny_path, "--algo", algo, "--alpha", "0.01")
+    model, tok, (lora0, base0), metrics = run_steps(args)
+    lora1, base1 = split_params(model)
+    assert lora0 and all(torch.equal(base0[n], base1[n]) for n in base0)
+    assert any(not torch.equal(lora0[n], lora1[n]) for n in lora0)
+    for m in metrics:
+        assert m["skipped_step"] == 0.0 and torch.isfinite(torch.tensor(m["loss"]))
+        assert ("kl_distill" in m) == (algo != "grpo")
+        assert m["beta"] == (0.0 if algo == "grpo" else args.beta)
+    # the reference (adapter off) is still exactly the base model
+    base_model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
+    batch = rollout(base_model, tok, EXAMPLES[:2], 2, 6, seed=0)
+    with model.disable_adapter():
+        ref = view_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(ref, view_logprobs(base_model, batch, 1.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(view_logprobs(model, batch, 1.0), ref)  # the adapter did learn
+
+
+def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0):
+    """The SDPG loss from full [B, T, V] logits in float64, written independently."""
+
+    def logits(ids, mask):
+        full, m = torch.cat([ids, batch.response_ids], 1), torch.cat([mask, batch.response_mask], 1)
+        out = model(input_ids=full, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
+        return out[:, ids.shape[1] - 1 : -1].double()  # [B, T, V]
+
+    log_p = torch.log_softmax(logits(batch.student_ids, batch.student_mask), -1)
+    with torch.no_grad():
+        log_q = torch.log_softmax(logits(batch.teacher_ids, batch.teacher_mask), -1)
+    logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    ratio = torch.exp(logp - logp.detach())  # on-policy: 1, gradient of -A * ratio is -A dlogp
+    per_token = (
+        outcome * -adv[:, None].double() * ratio + beta * kl + alpha * 0.5 * (logp - ref_logp.double()) ** 2
+    )
+    m = batch.response_mask.double()
+    return (per_token * m).sum() / m.sum()
+
+
+def grads_of(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("algo, beta, alpha", [("sdpg", 0.3, 0.2), ("grpo", 0.0, 0.0), ("opd", 0.5, 0.0)])
+def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha):
+    args = make_args(
+        tiny_path, "--algo", algo, "--alpha", str(alpha), *(["--beta", str(beta)] if beta else [])
+    )
+    model, tok, _ = sdpg.load_policy(args)
+    with torch.no_grad():  # a non-zero adapter, so the teacher and reference differ from the student
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
+    adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 1.2, -1.1, 0.9])
+    with model.disable_adapter():
+        ref_logp = view_logprobs(model, batch, 1.0)
+    model.zero_grad()
+    metrics = sdpg.accumulate_gradients(model, batch, adv, ref_logp if alpha else None, None, args, beta)
+    ours = grads_of(model)
+    model.zero_grad()
+    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=0.0 if algo == "opd" else 1.0)
+    expected.backward()
+    theirs = grads_of(model)
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert set(ours) == set(theirs) and all("lora_" in n for n in ours)
+    for n in ours:
+        torch.testing.assert_close(ours[n].double(), theirs[n].double(), rtol=1e-4, atol=1e-7)
+
+
+def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
+    args = make_args(tiny_path, "--beta", "0.5", "--alpha", "0")
+    model, tok, _ = sdpg.load_policy(args)
+    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
+    seen = []
+    real = sdpg.response_hidden
+
+    def spy(m, prompt_ids, *rest):
+        h = real(m, prompt_ids, *rest)
+        seen.append(
+            (
+                prompt_ids is batch.teacher_ids or prompt_ids.shape[1] == batch.teacher_ids.shape[1],
+                h.requires_grad,
+            )
+        )
+        return h
+
+    monkeypatch.setattr(sdpg, "response_hidden", spy)
+    sdpg.accumulate_gradients(model, batch, torch.ones(8), None, None, args, 0.5)
+    teacher = [g for is_teacher, g in seen if is_teacher]
+    student = [g for is_teacher, g in seen if not is_teacher]
+    assert teacher and not any(teacher) and student and all(student)
+
+
+def test_gradient_accumulation_is_micro_batch_invariant(tiny_path):
+    args = make_args(tiny_path, "--alpha", "0.1")
+    model, tok, _ = sdpg.load_policy(args)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=11)
+    with model.disable_adapter():
+        ref_logp = view_logprobs(model, batch, 1.0)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
+    grads = []
+    for micro in (8, 1, 3):
+        args.micro_batch = micro
+        model.zero_grad()
+        sdpg.accumulate_gradients(model, batch, adv, ref_logp, None, args, args.beta)
+        grads.append(grads_of(model))
+    for other in grads[1:]:
+        for n in grads[0]:
+            torch.testing.assert_close(other[n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_four_bit_on_cpu_two_steps(tiny_path):
+    pytest.importorskip("bitsandbytes")
+    args = make_args(tiny_path, "--load-in-4bit")
+    model, _, (lora0, _), metrics = run_steps(args)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    lora1, _ = split_params(model)
+    assert any(not torch.equal(lora0[n], lora1[n]) for n in lora0)
+    assert all(m["skipped_step"] == 0.0 for m in metrics)
+
+
+def test_help_lists_every_flag_with_its_default():
+    env = {**os.environ, "COLUMNS": "400"}  # no line break inside a "(default: ...)"
+    out = subprocess.run(
+        [sys.executable, "sdpg.py", "--help"], capture_output=True, text=True, check=True, env=env
+    )
+    flat = " ".join(out.stdout.split())
+    for action in sdpg.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.option_strings[0] in flat
+        if action.dest in sdpg.PRESETS["tiny"]:
+            tiny, hub = sdpg.PRESETS["tiny"][action.dest], sdpg.PRESETS["hub"][action.dest]
+            assert f"(default: {tiny} with --model tiny, else {hub})" in flat, action.dest
+        elif action.default is None:
+            assert "(default: " in action.help, action.dest
+        else:
+            assert f"(default: {action.default})" in flat, action.dest
+
+
+def test_print_verl_overrides():
+    out = subprocess.run(
+        [sys.executable, "sdpg.py", "--algo", "sdpg", "--beta", "0.002", "--print-verl-overrides"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "verl.trainer.main_ppo" in out
+    assert "actor_rollout_ref.actor.policy_loss.beta=0.002" in out
+    assert "actor_rollout_ref.actor.policy_loss.loss_mode=sdpg" in out
+    assert "actor_rollout_ref.rollout.n=8" in out
+
+
+def test_resolve_defaults_and_short_names():
+    assert sdpg.resolve_model_path("Qwen2.5-0.5B", None) == "Qwen/Qwen2.5-0.5B"
+    assert sdpg.resolve_model_path("Qwen2.5-0.5B-Instruct", None) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert sdpg.resolve_model_path("meta-llama/x", None) == "meta-llama/x"
+    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", "Qwen2.5-0.5B"]))
+    assert (args.data, args.lr, args.beta, args.alpha, args.kl_mode) == ("gsm8k", 1e-5, 1e-3, 1e-3, "urkl")
+    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", "x", "--full-finetune"]))
+    assert args.lr == sdpg.FULL_FINETUNE_LR
+    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--algo", "grpo"]))
+    assert args.beta == 0.0 and args.alpha == 0.0
+
+
+def test_reward_is_the_verifier():
+    assert reward("\\boxed{12}", "12") == 1.0
