@@ -4,7 +4,7 @@ For each shape (N tokens, H hidden, V vocab) and each variant (naive, chunked at
 chunk size) a fresh process builds the inputs, runs forward + backward of
 sum_n c_n KL_n w.r.t. the student hidden states (the head is frozen, as under LoRA),
 and reports its time and its peak memory above what the inputs already took
-(CPU: peak RSS, CUDA: max_memory_allocated). A separate process measures the
+(CPU: peak RSS, reset after set-up; CUDA: max_memory_allocated). A separate process measures the
 relative error of the loss and the input gradient against a float64 reference on a
 smaller case. Prints a table and writes the raw numbers as JSON.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -47,9 +46,17 @@ def kl_loss(variant: str, hs, ht, w, coeff):
     return (kl * coeff).sum()
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so input set-up is not counted."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int) -> dict:
@@ -60,7 +67,8 @@ def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = rss_bytes()
+        reset_peak_rss()
+        base = status_bytes("VmRSS")
     times = []
     for _ in range(repeats):
         hs.grad = None
@@ -72,7 +80,7 @@ def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = status_bytes("VmHWM") - base
     return {"seconds": min(times), "peak_extra_bytes": peak}
 
 
