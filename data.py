@@ -47,18 +47,17 @@ _ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
 
 
 def arithmetic_example(rng: random.Random) -> Example:
-    """A word problem a + b, a - b (a >= b) or a * b with small operands."""
+    """A word problem over one-digit facts: a + b, a - b or a * b (about 230 facts)."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     op = rng.choice("+-*")
     if op == "+":
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         q, ans = f"{name} has {a} {item} and gets {b} more. How many {item} now?", a + b
     elif op == "-":
-        a = rng.randint(20, 99)
-        b = rng.randint(10, a)
+        a, b = rng.randint(10, 18), rng.randint(1, 9)
         q, ans = f"{name} has {a} {item} and gives away {b}. How many {item} are left?", a - b
     else:
-        a, b = rng.randint(2, 9), rng.randint(10, 30)
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
         q, ans = f"{name} buys {a} boxes of {b} {item}. How many {item} in all?", a * b
     return Example(q, str(ans))
 

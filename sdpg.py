@@ -29,6 +29,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -37,6 +39,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from checkpoint import (
+    CheckpointError,
+    check_compatible,
+    is_peft,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from data import DataError, Example, load_task
 from losses import AGG_MODES, KL_MODES, beta_schedule, group_advantages, sdpg_loss
 from rollout import RolloutBatch, prompt_texts, response_hidden, rollout, score_tokens, view_logprobs
@@ -91,6 +101,13 @@ class UsageError(Exception):
 # ---------------------------------------------------------------- arguments
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every flag's default in --help; a model-dependent one shows both presets."""
 
@@ -104,7 +121,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a(
         "--model",
@@ -138,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ppo-epochs", type=int, default=1, help="passes over each batch (>1 uses old log-probs)")
     a("--kl-chunk-size", type=int, default=256, help="tokens per chunk of the full-vocab KL")
     a("--seed", type=int, default=0, help="seeds sampling, data order and init")
-    a("--output-dir", default="runs/sdpg", help="metrics, samples, curves and the adapter go here")
+    a(
+        "--output-dir",
+        default=None,
+        help="metrics, samples, curves, checkpoints and the adapter go here "
+        "(default: runs/<algo>-<date>-<time>)",
+    )
     a("--eval-every", type=int, default=None, help="steps between held-out evals (0: only before and after)")
     a("--eval-size", type=int, default=None, help="held-out prompts per eval")
     a("--eval-samples", type=int, default=None, help="k of mean@k at the training temperature")
@@ -166,12 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the tiny model is built (default: $SDPG_CACHE or ~/.cache/sdpg)",
     )
     a("--print-verl-overrides", action="store_true", help="print the equivalent verl overrides and exit")
+    a("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
+    a("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    a(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=("no", "auto", "yes"),
+        default="no",
+        help="continue from the output folder's newest checkpoint; auto: if there is one",
+    )
+    a("--overwrite-output-dir", action="store_true", help="replace a run already in --output-dir")
+    a("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
     a("--debug", action="store_true", help="show tracebacks")
     return p
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill model-dependent defaults and check the arguments; UsageError on bad input."""
+    if args.output_dir is None:
+        args.output_dir = f"runs/{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
     for key, value in preset.items():
         if getattr(args, key) is None:
@@ -194,6 +230,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         "eval_samples",
         "kl_chunk_size",
         "lora_r",
+        "keep_checkpoints",
+        "max_bad_steps",
     ):
         if getattr(args, name) < 1:
             raise UsageError(
@@ -203,8 +241,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(
             f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
         )
-    if args.eval_every < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.lr <= 0:
-        raise UsageError("need --eval-every >= 0, --temperature > 0, 0 < --top-p <= 1 and --lr > 0")
+    if args.eval_every < 0 or args.save_every < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.lr <= 0:
+        raise UsageError("need --eval-every >= 0, --save-every >= 0, --temperature > 0, 0 < --top-p <= 1 and --lr > 0")
     return args
 
 
@@ -461,12 +499,14 @@ def micro_step(model, mb: RolloutBatch, adv, ref_logp, old_logp, args, beta, nor
 
 
 class Optimizer:
-    """AdamW over the trainable parameters; `finish` clips, skips non-finite steps, steps."""
+    """AdamW over the trainable parameters. `finish` clips the gradient and steps, or
+    skips the step (and counts it) when the loss or gradient is not finite."""
 
     def __init__(self, params, lr: float, weight_decay: float):
         self.params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.bad_steps = 0
+        self.bad_in_a_row = 0
+        self.bad_total = 0
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -474,11 +514,24 @@ class Optimizer:
     def finish(self, max_norm: float) -> dict:
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         if not torch.isfinite(norm):
-            self.bad_steps += 1
-            self.opt.zero_grad(set_to_none=True)
-            return {"grad_norm": float("nan"), "skipped_step": 1.0}
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+            self.zero_grad()
+            return {"grad_norm": float("nan"), "skipped_step": 1.0, "skipped_total": self.bad_total}
         self.opt.step()
-        return {"grad_norm": float(norm), "skipped_step": 0.0}
+        self.bad_in_a_row = 0
+        return {"grad_norm": float(norm), "skipped_step": 0.0, "skipped_total": self.bad_total}
+
+    def state_dict(self) -> dict:
+        return {
+            "adamw": self.opt.state_dict(),
+            "bad_in_a_row": self.bad_in_a_row,
+            "bad_total": self.bad_total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["adamw"])
+        self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
 
 
 def train_step(model, reference, optimizer, tokenizer, examples: list[Example], step: int, args, reward_fn):
@@ -594,8 +647,33 @@ def log(out_dir: Path, row: dict) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def train(args: argparse.Namespace) -> dict:
-    """The whole run; returns the last eval."""
+class TrainingError(Exception):
+    """The run cannot go on (e.g. repeated non-finite steps); exit code 1."""
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def train(args: argparse.Namespace) -> int:
+    """The whole run; returns the exit code (0, or 130 when stopped by Ctrl-C)."""
+    out_dir, resume_from = open_run(args)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, reference = load_policy(args)
@@ -604,53 +682,119 @@ def train(args: argparse.Namespace) -> dict:
         reward_fn = make_reward_fn(args.verifier)
     except RuntimeError as e:  # the optional math-verify backend is not installed
         raise UsageError(str(e)) from e
-    out_dir = prepare_output_dir(args)
     optimizer = Optimizer(model.parameters(), args.lr, args.weight_decay)
-    first = evaluate(model, tokenizer, eval_set, args, reward_fn)
-    log(out_dir, {"step": 0, **first})
-    print(f"held-out accuracy before: {fmt(first)}")
-    last = first
-    bar = tqdm(range(args.steps), desc=f"{args.algo}", dynamic_ncols=True)
-    for step in bar:
-        examples = batch_examples(train_set, step, args.batch_prompts, args.seed)
-        metrics, batch, rewards = train_step(
-            model, reference, optimizer, tokenizer, examples, step, args, reward_fn
-        )
-        write_samples(out_dir / "samples.jsonl", step, batch, rewards)
-        metrics["step"] = step + 1
-        eval_now = (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.steps
-        if eval_now:
-            last = evaluate(model, tokenizer, eval_set, args, reward_fn)
-            metrics.update(last)
-        log(out_dir, metrics)
-        if eval_now:
-            plot_curves(out_dir)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl_distill', 0):.3g}")
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, model, optimizer)
+        truncate_logs(out_dir, start)
+        print(f"resumed from {resume_from} at step {start}")
+    else:
+        first = evaluate(model, tokenizer, eval_set, args, reward_fn)
+        log(out_dir, {"step": 0, **first})
+        print(f"held-out accuracy before: {fmt(first)}")
+    bar = tqdm(range(start, args.steps), desc=args.algo, dynamic_ncols=True, initial=start, total=args.steps)
+    with StopOnCtrlC() as ctrl_c:
+        for step in bar:
+            examples = batch_examples(train_set, step, args.batch_prompts, args.seed)
+            metrics, batch, rewards = train_step(
+                model, reference, optimizer, tokenizer, examples, step, args, reward_fn
+            )
+            done = step + 1
+            write_samples(out_dir / "samples.jsonl", done, batch, rewards)
+            metrics["step"] = done
+            evaluated = (args.eval_every and done % args.eval_every == 0) or done == args.steps
+            if evaluated:
+                metrics.update(evaluate(model, tokenizer, eval_set, args, reward_fn))
+            log(out_dir, metrics)
+            if evaluated:
+                plot_curves(out_dir)
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl_distill', 0):.3g}")
+            if optimizer.bad_in_a_row >= args.max_bad_steps:
+                raise TrainingError(bad_steps_message(args, out_dir))
+            if ctrl_c.requested or done == args.steps or (args.save_every and done % args.save_every == 0):
+                path = save_checkpoint(out_dir, done, model, optimizer, args, args.keep_checkpoints)
+            if ctrl_c.requested:
+                print(
+                    f"stopped at step {done}; checkpoint saved in {path}. Resume with --resume.",
+                    file=sys.stderr,
+                )
+                return 130
+    finish_run(model, tokenizer, out_dir)
+    return 0
+
+
+def finish_run(model, tokenizer, out_dir: Path) -> None:
     save_policy(model, tokenizer, out_dir)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+    first, last = ({k: v for k, v in r.items() if k.startswith("eval_")} for r in (evals[0], evals[-1]))
+    print(f"held-out accuracy before: {fmt(first)}")
     print(f"held-out accuracy after:  {fmt(last)}")
     print(f"metrics.jsonl, samples.jsonl, curves.png and the adapter are in {out_dir}")
-    return last
+
+
+def bad_steps_message(args, out_dir: Path) -> str:
+    last = latest_checkpoint(out_dir)
+    return (
+        f"{args.max_bad_steps} steps in a row had a non-finite loss or gradient and were skipped. "
+        f"Likely causes: --lr too high ({args.lr}), --beta too large ({args.beta}), or fp16 overflow "
+        f"(use bf16 or float32). Last good checkpoint: {last or 'none yet'}"
+    )
 
 
 def fmt(ev: dict) -> str:
     return ", ".join(f"{k.removeprefix('eval_')} {100 * v:.1f}%" for k, v in ev.items())
 
 
-def prepare_output_dir(args: argparse.Namespace) -> Path:
+def open_run(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """Check the output folder before any work: (folder, checkpoint to resume or None).
+
+    A folder holding another run needs --overwrite-output-dir; --resume needs a
+    checkpoint from a run of the same kind. Nothing is deleted or overwritten on error.
+    """
     out = Path(args.output_dir)
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
+    if args.resume == "yes" and ckpt is None:
+        raise UsageError(f"--resume: no checkpoint in {out}/checkpoints. Run without --resume to start.")
+    resume = ckpt if args.resume in ("yes", "auto") else None
+    if resume is not None:
+        check_compatible(resume, args)
+    elif holds_run and not args.overwrite_output_dir:
+        raise UsageError(
+            f"{out} holds another run: pass --resume to continue it, --overwrite-output-dir to "
+            "replace it, or choose another --output-dir"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
+    if resume is None:
+        for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+        if (out / "checkpoints").is_dir():
+            shutil.rmtree(out / "checkpoints")
+    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    return out, resume
+
+
+def truncate_logs(out_dir: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint's step (a killed run may have some)."""
     for name in ("metrics.jsonl", "samples.jsonl"):
-        (out / name).unlink(missing_ok=True)
-    return out
+        path = out_dir / name
+        if path.exists():
+            keep = [
+                line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+            ]
+            path.write_text("".join(line + "\n" for line in keep))
 
 
 def save_policy(model, tokenizer, out_dir: Path) -> None:
     """The LoRA adapter in PEFT format (or the full model), safetensors."""
-    target = out_dir / ("model" if not hasattr(model, "peft_config") else "adapter")
+    target = out_dir / ("adapter" if is_peft(model) else "model")
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
 
@@ -694,16 +838,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_verl_overrides:
             print("python3 -m verl.trainer.main_ppo \\\n  " + " \\\n  ".join(verl_overrides(args)))
             return 0
-        train(args)
-    except (UsageError, DataError) as e:
+        return train(args)
+    except (UsageError, DataError, CheckpointError) as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    except TrainingError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from data import arithmetic_example
-from rollout import DEFAULT_CONTEXT, INSTRUCTION
+from data import Example, arithmetic_example, arithmetic_split
+from rollout import DEFAULT_CONTEXT, INSTRUCTION, encode, prompt_texts
 
 EOS = "<|endoftext|>"
 TINY_VERSION = "v1"  # bump when the recipe changes, so caches rebuild
@@ -115,3 +116,57 @@ def ensure_tiny_model(cache_dir: str | None = None, seed: int = 0) -> Path:
         build_tiny_model(Path(tmp) / "model", seed=seed)
         os.replace(Path(tmp) / "model", path)
     return path
+
+
+def sft_rows(tokenizer, examples: list[Example], teacher_share: float, noise: float, rng: random.Random):
+    """(ids, loss mask) rows: a prompt view, then ' \\boxed{answer}' and EOS, loss on the answer.
+
+    A `noise` share of student-view rows carry a near-miss answer instead, so the
+    warm-started student is often wrong without the context; teacher rows are clean.
+    """
+    rows = []
+    for ex in examples:
+        student, teacher = prompt_texts(tokenizer, ex)
+        use_teacher = rng.random() < teacher_share
+        answer = ex.answer
+        if not use_teacher and rng.random() < noise:
+            answer = str(int(ex.answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
+        p = encode(tokenizer, teacher if use_teacher else student)
+        r = encode(tokenizer, f" \\boxed{{{answer}}}") + [tokenizer.eos_token_id]
+        rows.append((p + r, [0] * len(p) + [1] * len(r)))
+    return rows
+
+
+def warm_start(
+    model,
+    tokenizer,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    teacher_share: float = 0.5,
+    noise: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Supervised warm start on the task format: prompt -> ' \\boxed{answer}'."""
+    rng = random.Random(seed)
+    examples = arithmetic_split(steps * batch_size, "train", seed=seed + 17)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20) * (1 - k / steps))
+    model.train()
+    for k in tqdm(range(steps), desc="warm start", disable=not progress):
+        rows = sft_rows(tokenizer, examples[k * batch_size : (k + 1) * batch_size], teacher_share, noise, rng)
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [b, L] right-padded
+        loss_mask = torch.zeros((len(rows), width))  # [b, L]
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, m) in enumerate(rows):
+            ids[i, : len(r)], loss_mask[i, : len(m)], attn[i, : len(r)] = torch.tensor(r), torch.tensor(m), 1
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [b, L-1, V]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
