@@ -18,6 +18,7 @@ Sources:
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,13 @@ def gsm8k_split(split: str, solution_as_context: bool = False) -> list[Example]:
     """GSM8K from the hub (or the local HF cache); gold = the number after '####'."""
     import datasets
 
-    ds = datasets.load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
+    try:
+        ds = datasets.load_dataset("openai/gsm8k", "main", split="train" if split == "train" else "test")
+    except Exception as e:  # offline, no cache: datasets raises ConnectionError, OSError, ...
+        raise DataError(
+            f"could not load openai/gsm8k from the hub or the local cache ({type(e).__name__}). "
+            "Use --data arithmetic, or --data FILE with question/answer columns."
+        ) from e
     out = []
     for row in ds:
         solution, _, gold = row["answer"].rpartition("####")
@@ -111,10 +118,17 @@ def file_examples(path: str | Path) -> list[Example]:
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"unsupported dataset file type {path.suffix!r}: use one of {', '.join(FILE_TYPES)}")
-    try:
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error says it all
+    try:  # parsed in memory, its Arrow cache in a temporary folder: nothing is left behind
+        with tempfile.TemporaryDirectory() as cache:
+            ds = datasets.load_dataset(
+                kind, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
+            )
     except Exception as e:  # datasets raises many types for unreadable files
-        raise DataError(f"could not read {path} as {kind}: {type(e).__name__}: {e}") from e
+        raise DataError(
+            f"could not read {path} as {kind}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        ) from e
     missing = {"question", "answer"} - set(ds.column_names)
     if missing:
         raise DataError(

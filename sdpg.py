@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import resource
@@ -33,6 +34,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -51,6 +53,9 @@ from data import DataError, Example, load_task
 from losses import AGG_MODES, KL_MODES, beta_schedule, group_advantages, sdpg_loss
 from rollout import RolloutBatch, prompt_texts, response_hidden, rollout, score_tokens, view_logprobs
 from verifier import make_reward_fn
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional-kernel notice
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ALGOS = ("sdpg", "grpo", "opd")
 # Defaults that depend on the model: the tiny demo learns fast with a large lr and short
@@ -241,8 +246,16 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         raise UsageError(
             f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
         )
-    if args.eval_every < 0 or args.save_every < 0 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.lr <= 0:
-        raise UsageError("need --eval-every >= 0, --save-every >= 0, --temperature > 0, 0 < --top-p <= 1 and --lr > 0")
+    if (
+        args.eval_every < 0
+        or args.save_every < 0
+        or args.temperature <= 0
+        or not 0 < args.top_p <= 1
+        or args.lr <= 0
+    ):
+        raise UsageError(
+            "need --eval-every >= 0, --save-every >= 0, --temperature > 0, 0 < --top-p <= 1 and --lr > 0"
+        )
     return args
 
 
@@ -260,19 +273,26 @@ def resolve_model_path(name: str, cache_dir: str | None) -> str:
     return name
 
 
-def load_policy(args: argparse.Namespace):
-    """(model, tokenizer, reference or None): LoRA (reference = adapter off) or full fine-tune."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(args: argparse.Namespace):
+    """(model path, tokenizer); a model that cannot be found is a UsageError, not a traceback."""
+    from transformers import AutoConfig, AutoTokenizer
 
     path = resolve_model_path(args.model, args.cache_dir)
     try:
         AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        return path, AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise UsageError(
             f"could not load model {args.model!r} ({path}) locally or from the hub: {str(e).splitlines()[0]} "
             "Point --model at a folder that holds config.json and the weights, or use --model tiny."
         ) from e
+
+
+def load_model(args: argparse.Namespace, path: str):
+    """(model, reference or None): LoRA (the reference is the adapter switched off) or a
+    full fine-tune with a frozen second copy as the reference."""
+    from transformers import AutoModelForCausalLM
+
     cuda = torch.cuda.is_available()
     four_bit = cuda if args.load_in_4bit is None else args.load_in_4bit
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
@@ -283,7 +303,7 @@ def load_policy(args: argparse.Namespace):
     if args.full_finetune:
         reference = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda)).eval()
         reference.requires_grad_(False)
-        return model, tokenizer, reference
+        return model, reference
     from peft import LoraConfig, get_peft_model
 
     targets = args.lora_target_modules
@@ -294,7 +314,14 @@ def load_policy(args: argparse.Namespace):
         target_modules=targets if targets == "all-linear" else targets.split(","),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora), tokenizer, None
+    return get_peft_model(model, lora), None
+
+
+def load_policy(args: argparse.Namespace):
+    """(model, tokenizer, reference or None) in one call."""
+    path, tokenizer = load_tokenizer(args)
+    model, reference = load_model(args, path)
+    return model, tokenizer, reference
 
 
 def model_kwargs(four_bit: bool, cuda: bool) -> dict:
@@ -674,14 +701,15 @@ class StopOnCtrlC:
 def train(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code (0, or 130 when stopped by Ctrl-C)."""
     out_dir, resume_from = open_run(args)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model, tokenizer, reference = load_policy(args)
-    train_set, eval_set = load_examples(args, tokenizer)
     try:
         reward_fn = make_reward_fn(args.verifier)
     except RuntimeError as e:  # the optional math-verify backend is not installed
         raise UsageError(str(e)) from e
+    path, tokenizer = load_tokenizer(args)
+    train_set, eval_set = load_examples(args, tokenizer)  # bad data fails before the model loads
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, reference = load_model(args, path)
     optimizer = Optimizer(model.parameters(), args.lr, args.weight_decay)
     start = 0
     if resume_from is not None:

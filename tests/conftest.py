@@ -1,10 +1,14 @@
 """Shared fixtures: one tiny offline Qwen2 model folder per test session."""
 
-import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import os
 
-from tiny_model import build_tiny_model
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network, even by a retry loop
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from tiny_model import build_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,275 @@
+"""Reliability: exact resume after SIGKILL, Ctrl-C, non-finite steps, bad input."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdpg
+from checkpoint import latest_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = [
+    "--data",
+    "arithmetic",
+    "--num-generations",
+    "4",
+    "--batch-prompts",
+    "2",
+    "--max-new-tokens",
+    "6",
+    "--micro-batch",
+    "8",
+]
+RUN += ["--lr", "1e-2", "--eval-size", "4", "--eval-samples", "2", "--eval-every", "0", "--beta", "0.1"]
+
+
+def cli(*argv, env=None, timeout=300):
+    """Run sdpg.py in a fresh process; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sdpg.py"), *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
+    steps = ["--model", str(tiny_path), *RUN, "--steps", "5", "--save-every", "2"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert cli(*steps, "--output-dir", str(full)).returncode == 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "sdpg.py"), *steps, "--output-dir", str(broken)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill -9 once step 3 is logged: the last checkpoint is step 2
+        path = broken / "metrics.jsonl"
+        if path.exists() and any(json.loads(x)["step"] == 3 for x in path.read_text().splitlines() if x):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(broken).name == "step-000002"
+
+    resumed = cli(*steps, "--output-dir", str(broken), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    a, b = metrics(full), metrics(broken)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
+    keys = ("reward", "loss", "kl_distill", "pg_loss", "ref_kl", "grad_norm", "eval_mean@2", "eval_greedy")
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: ra.get(k) for k in keys} == {k: rb.get(k) for k in keys}
+    assert len(list((broken / "checkpoints").glob("step-*"))) == 2  # --keep-checkpoints 2
+    assert (broken / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_adapter_loads_with_peft_and_merges(tiny_path, tmp_path):
+    out = tmp_path / "run"
+    assert cli("--model", str(tiny_path), *RUN, "--steps", "1", "--output-dir", str(out)).returncode == 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_path)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        peft_logits = model(ids).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(ids).logits, peft_logits, rtol=1e-4, atol=1e-5)
+    for name in ("metrics.jsonl", "samples.jsonl", "curves.png", "args.json"):
+        assert (out / name).exists()
+
+
+def test_ctrl_c_saves_and_exits_130(tiny_path, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "sdpg.py"),
+            "--model",
+            str(tiny_path),
+            *RUN,
+            "--steps",
+            "200",
+            "--output-dir",
+            str(out),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "samples.jsonl").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and "checkpoint saved in" in err
+    step = json.loads((ckpt / "state.json").read_text())["step"]
+    assert 1 <= step < 200 and metrics(out)[-1]["step"] == step
+
+
+def main_code(argv, capsys) -> tuple[int, list[str]]:
+    """sdpg.main in this process: (exit code, stderr lines)."""
+    try:
+        code = sdpg.main([str(x) for x in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_resume_refuses_another_kind_of_run(tiny_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", tiny_path, *RUN, "--output-dir", out]
+    assert main_code([*base, "--steps", "1"], capsys)[0] == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for extra, word in ((["--algo", "opd"], "--algo"), (["--lora-r", "4"], "--lora-r")):
+        code, err = main_code([*base, "--steps", "2", "--resume", *extra], capsys)
+        assert code == 2 and len(err) == 1 and word in err[0] and "different run" in err[0]
+    code, err = main_code([*base, "--steps", "2"], capsys)
+    assert code == 2 and "--overwrite-output-dir" in err[0]
+    code, err = main_code([*base, "--steps", "2", "--resume"], capsys)  # same kind: fine
+    assert code == 0
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p in before and "step-000001" in str(p)} == {
+        p: t for p, t in before.items() if "step-000001" in str(p)
+    }
+    assert main_code([*base, "--steps", "1", "--overwrite-output-dir"], capsys)[0] == 0
+    assert [r["step"] for r in metrics(out)] == [0, 1]
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_path, tmp_path, monkeypatch, capsys):
+    real = sdpg.sdpg_loss
+
+    def poisoned(*a, **k):
+        loss, m = real(*a, **k)
+        return loss * float("nan"), m
+
+    monkeypatch.setattr(sdpg, "sdpg_loss", poisoned)
+    out = tmp_path / "run"
+    code = sdpg.main(["--model", str(tiny_path), *RUN, "--steps", "10", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "3 steps in a row" in err and "--lr" in err and "fp16" in err
+    rows = metrics(out)[1:]
+    assert [r["skipped_step"] for r in rows] == [1.0, 1.0, 1.0]
+    assert latest_checkpoint(out) is None  # no checkpoint was written from a bad state
+
+
+def test_one_skipped_step_leaves_weights_unchanged(tiny_path):
+    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", str(tiny_path), *RUN]))
+    model, _, _ = sdpg.load_policy(args)
+    opt = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    before = [p.detach().clone() for p in opt.params]
+    for p in opt.params:
+        p.grad = torch.full_like(p, float("inf"))
+    assert opt.finish(1.0)["skipped_step"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.params, strict=True))
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line
+
+
+def one_line_error(r) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
+    line = one_line_error(cli("--model", "Qwen2.5-0.5B", "--output-dir", tmp_path / "o", timeout=120))
+    assert "could not load model 'Qwen2.5-0.5B' (Qwen/Qwen2.5-0.5B)" in line and "--model" in line
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "/nonexistent/folder"], "Point --model at a folder"),
+        (["--num-generations", "1"], "--num-generations must be >= 2"),
+        (["--batch-prompts", "0"], "--batch-prompts must be a positive integer"),
+        (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer"),
+        (["--kl-mode", "k3"], "invalid choice: 'k3'"),
+        (["--steps", "ten"], "invalid int value"),
+        (["--top-p", "0"], "0 < --top-p <= 1"),
+    ],
+)
+def test_bad_flags(argv, words, tmp_path, capsys):
+    code, err = main_code([*argv, "--output-dir", tmp_path / "o"], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_bad_data_files(tiny_path, tmp_path, capsys):
+    base = ["--model", tiny_path, *RUN, "--steps", "1"]
+    code, err = main_code([*base, "--data", "gsm8k", "--output-dir", tmp_path / "g"], capsys)
+    assert code == 2 and len(err) == 1 and "could not load openai/gsm8k" in err[0]
+    cases = {
+        "missing.jsonl": None,
+        "empty.jsonl": "",
+        "cols.jsonl": '{"prompt": "x", "solution": "1"}\n',
+        "broken.parquet": "not a parquet file",
+    }
+    expected = {
+        "missing.jsonl": "not found",
+        "empty.jsonl": "",
+        "cols.jsonl": "needs columns 'question' and 'answer'",
+        "broken.parquet": "could not read",
+    }
+    for name, text in cases.items():
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        code, err = main_code([*base, "--data", path, "--output-dir", tmp_path / f"{name}-out"], capsys)
+        assert code == 2 and len(err) == 1 and expected[name] in err[0] and str(path) in err[0], err
+
+
+def test_output_dir_not_writable(tiny_path, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = main_code(["--model", tiny_path, *RUN, "--output-dir", blocker / "sub"], capsys)
+    assert code == 2 and len(err) == 1 and "cannot write to --output-dir" in err[0]
+
+
+def test_four_bit_without_bitsandbytes(tiny_path, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError
+    code = sdpg.main(["--model", str(tiny_path), *RUN, "--load-in-4bit", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: --load-in-4bit needs bitsandbytes: pip install bitsandbytes"]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = cli("--model", "/nonexistent/folder", "--debug", "--output-dir", str(tmp_path / "o"), timeout=120)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_weights_only_loading_everywhere():
+    for path in ROOT.glob("*.py"):
+        text = path.read_text()
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, (path.name, line)
+        assert not re.search(r"(?<![\w.])(eval|exec)\(", text), path.name  # model output is only text
+        assert "import pickle" not in text
