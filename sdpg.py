@@ -52,6 +52,7 @@ from checkpoint import (
 from data import DataError, Example, load_task
 from losses import AGG_MODES, KL_MODES, beta_schedule, group_advantages, sdpg_loss
 from rollout import RolloutBatch, prompt_texts, response_hidden, rollout, score_tokens, view_logprobs
+from tiny_model import WARM_START_STEPS, ensure_tiny_model
 from verifier import make_reward_fn
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # optional-kernel notice
@@ -63,19 +64,19 @@ ALGOS = ("sdpg", "grpo", "opd")
 PRESETS = {
     "tiny": dict(
         data="arithmetic",
-        lr=3e-3,
-        steps=60,
+        lr=1e-3,
+        steps=250,
         batch_prompts=16,
         micro_batch=64,
         num_generations=8,
         max_new_tokens=8,
         max_prompt_length=256,
-        eval_every=20,
+        eval_every=50,
         eval_size=200,
         eval_samples=4,
         lora_r=16,
         lora_alpha=32,
-        beta=0.05,
+        beta=0.1,
         alpha=1e-3,
     ),
     "hub": dict(
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--loss-agg", choices=AGG_MODES, default="token-mean", help="how per-token losses are averaged")
     a("--num-generations", type=int, default=None, help="G, responses per prompt")
     a("--max-new-tokens", type=int, default=None, help="response length cap, in tokens")
+    a("--min-new-tokens", type=int, default=0, help="force at least this many tokens (benchmarks)")
     a("--max-prompt-length", type=int, default=None, help="longer prompts are dropped, with a count")
     a("--temperature", type=float, default=1.0, help="sampling temperature, also applied to log-probs")
     a("--top-p", type=float, default=1.0, help="nucleus sampling")
@@ -191,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-dir",
         default=None,
         help="where the tiny model is built (default: $SDPG_CACHE or ~/.cache/sdpg)",
+    )
+    a(
+        "--tiny-warm-start-steps",
+        type=int,
+        default=WARM_START_STEPS,
+        help="supervised steps that warm-start --model tiny",
     )
     a("--print-verl-overrides", action="store_true", help="print the equivalent verl overrides and exit")
     a("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
@@ -249,12 +257,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if (
         args.eval_every < 0
         or args.save_every < 0
+        or args.tiny_warm_start_steps < 0
         or args.temperature <= 0
         or not 0 < args.top_p <= 1
         or args.lr <= 0
     ):
         raise UsageError(
-            "need --eval-every >= 0, --save-every >= 0, --temperature > 0, 0 < --top-p <= 1 and --lr > 0"
+            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --temperature > 0, "
+            "0 < --top-p <= 1 and --lr > 0"
         )
     return args
 
@@ -262,12 +272,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 # ---------------------------------------------------------------- model
 
 
-def resolve_model_path(name: str, cache_dir: str | None) -> str:
+def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int = WARM_START_STEPS) -> str:
     """'tiny' -> the cached tiny model; 'Qwen2.5-…' -> 'Qwen/Qwen2.5-…'; else unchanged."""
     if name == "tiny":
-        from tiny_model import ensure_tiny_model
-
-        return str(ensure_tiny_model(cache_dir))
+        return str(ensure_tiny_model(cache_dir, warm_start_steps=warm_start_steps))
     if name.startswith("Qwen2.5") and "/" not in name and not Path(name).exists():
         return f"Qwen/{name}"
     return name
@@ -277,7 +285,7 @@ def load_tokenizer(args: argparse.Namespace):
     """(model path, tokenizer); a model that cannot be found is a UsageError, not a traceback."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = resolve_model_path(args.model, args.cache_dir)
+    path = resolve_model_path(args.model, args.cache_dir, args.tiny_warm_start_steps)
     try:
         AutoConfig.from_pretrained(path)
         return path, AutoTokenizer.from_pretrained(path)
@@ -573,6 +581,7 @@ def train_step(model, reference, optimizer, tokenizer, examples: list[Example], 
         args.temperature,
         args.top_p,
         seed=args.seed * 1_000_003 + step,
+        min_new_tokens=args.min_new_tokens,
     )
     t_gen = time.perf_counter() - t0
     rewards = torch.tensor([reward_fn(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)])
@@ -719,7 +728,7 @@ def train(args: argparse.Namespace) -> int:
     else:
         first = evaluate(model, tokenizer, eval_set, args, reward_fn)
         log(out_dir, {"step": 0, **first})
-        print(f"held-out accuracy before: {fmt(first)}")
+        print(f"step 0 held-out accuracy: {fmt(first)}")
     bar = tqdm(range(start, args.steps), desc=args.algo, dynamic_ncols=True, initial=start, total=args.steps)
     with StopOnCtrlC() as ctrl_c:
         for step in bar:

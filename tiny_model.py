@@ -25,7 +25,8 @@ from data import Example, arithmetic_example, arithmetic_split
 from rollout import DEFAULT_CONTEXT, INSTRUCTION, encode, prompt_texts
 
 EOS = "<|endoftext|>"
-TINY_VERSION = "v1"  # bump when the recipe changes, so caches rebuild
+TINY_VERSION = "v2"  # bump when the recipe changes, so caches rebuild
+WARM_START_STEPS = 800
 QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -69,10 +70,10 @@ def train_tokenizer(vocab_size: int = 384, seed: int = 0) -> Qwen2Tokenizer:
 def build_tiny_model(
     path: str | Path,
     seed: int = 0,
-    hidden_size: int = 64,
+    hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
-    intermediate_size: int = 192,
+    intermediate_size: int = 384,
 ) -> Path:
     """Build, save and return a folder holding a random tiny Qwen2 and its tokenizer."""
     path = Path(path)
@@ -105,16 +106,23 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SDPG_CACHE") or Path.home() / ".cache" / "sdpg")
 
 
-def ensure_tiny_model(cache_dir: str | None = None, seed: int = 0) -> Path:
+def ensure_tiny_model(
+    cache_dir: str | None = None, seed: int = 0, warm_start_steps: int = WARM_START_STEPS
+) -> Path:
     """The cached tiny model folder, built on first use (into a temporary folder, then
     renamed, so an interrupted build never leaves a half-written model behind)."""
-    path = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}"
+    path = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}-warm{warm_start_steps}"
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        build_tiny_model(Path(tmp) / "model", seed=seed)
-        os.replace(Path(tmp) / "model", path)
+        folder = build_tiny_model(Path(tmp) / "model", seed=seed)
+        model = Qwen2ForCausalLM.from_pretrained(folder)
+        tokenizer = Qwen2Tokenizer.from_pretrained(folder)
+        torch.manual_seed(seed)
+        warm_start(model, tokenizer, warm_start_steps, seed=seed)
+        model.save_pretrained(folder)
+        os.replace(folder, path)
     return path
 
 
@@ -143,7 +151,7 @@ def warm_start(
     steps: int,
     batch_size: int = 64,
     lr: float = 3e-3,
-    teacher_share: float = 0.5,
+    teacher_share: float = 0.4,
     noise: float = 0.5,
     seed: int = 0,
     progress: bool = True,

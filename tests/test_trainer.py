@@ -229,3 +229,33 @@ def test_resolve_defaults_and_short_names():
 
 def test_reward_is_the_verifier():
     assert reward("\\boxed{12}", "12") == 1.0
+
+
+def test_default_entry_point_smoke(tmp_path):
+    """`python sdpg.py` end to end on a freshly built tiny model (a 5-step warm start)."""
+    out = tmp_path / "run"
+    argv = [
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--tiny-warm-start-steps",
+        "5",
+        "--steps",
+        "2",
+        "--eval-size",
+        "8",
+        "--output-dir",
+        str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "sdpg.py", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (
+        "held-out accuracy before: mean@4" in proc.stdout
+        and "held-out accuracy after:  mean@4" in proc.stdout
+    )
+    assert f"are in {out}" in proc.stdout
+    for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert (tmp_path / "cache" / "tiny-v2-seed0-warm5" / "model.safetensors").exists()

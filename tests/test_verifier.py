@@ -185,7 +185,7 @@ def test_integers_round_trip_in_every_format(n):
     assert reward(f"\\boxed{{{n}}}", gold) == 1.0
     assert reward(f"\\boxed{{{n:,}}}", gold) == 1.0
     assert reward(f"The answer is {n}.", gold) == 1.0
-    assert reward(f"\\boxed{{{n + 1}}}", gold) == (1.0 if abs(n) > 10**6 else 0.0)
+    assert reward(f"\\boxed{{{n + 1}}}", gold) == (1.0 if abs(n) >= 10**6 else 0.0)  # 1e-6 relative tolerance
 
 
 @settings(max_examples=200, deadline=None)

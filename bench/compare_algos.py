@@ -1,0 +1,160 @@
+"""Does SDPG lift earlier than GRPO? GRPO vs SDPG vs pure self-distillation (opd).
+
+Runs `sdpg.py` on the embedded task (tiny model, arithmetic) for each algorithm and
+seed, everything else identical, then writes into --out:
+  compare_algos.md   steps to reach --target held-out accuracy, accuracy at fixed
+                     steps, final accuracy, mean response length, entropy
+  compare_algos.png  held-out accuracy vs step: mean over seeds and min-max band
+  compare_algos.json the raw eval curves
+
+    python bench/compare_algos.py            # 3 seeds x 3 algorithms
+    python bench/compare_algos.py --quick    # 1 seed, fewer steps: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ACC = "eval_mean@4"
+
+
+def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> dict:
+    """One training run in its own process; returns its eval curve and summary stats."""
+    folder = out / "runs" / f"{algo}-seed{seed}"
+    cmd = [
+        sys.executable,
+        str(ROOT / "sdpg.py"),
+        "--algo",
+        algo,
+        "--seed",
+        str(seed),
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(eval_every),
+        "--eval-samples",
+        "4",
+        "--output-dir",
+        str(folder),
+        "--overwrite-output-dir",
+        "--save-every",
+        "0",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{algo} seed {seed} failed:\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r]
+    return {
+        "algo": algo,
+        "seed": seed,
+        "seconds": time.time() - t0,
+        "curve": [(r["step"], r[ACC], r["eval_greedy"]) for r in rows if ACC in r],
+        "response_len": statistics.mean(r["response_len"] for r in train),
+        "entropy": statistics.mean(r["entropy"] for r in train[-10:]),
+    }
+
+
+def steps_to(curve: list, target: float) -> int | None:
+    return next((step for step, acc, _ in curve if acc >= target), None)
+
+
+def summarize(results: list[dict], algos: list[str], target: float, at_steps: list[int]) -> str:
+    head = f"| algo | steps to {100 * target:.0f}% (median) | " + " | ".join(f"acc @ {s}" for s in at_steps)
+    lines = [
+        head + " | final acc | final greedy | response len | entropy (last 10) |",
+        "|---" * (6 + len(at_steps)) + "|",
+    ]
+    for algo in algos:
+        runs = [r for r in results if r["algo"] == algo]
+        reach = [steps_to(r["curve"], target) for r in runs]
+        reached = sorted(s for s in reach if s is not None)
+        median = f"{statistics.median(reached):.0f}" if len(reached) > len(reach) / 2 else "not reached"
+        median += f" ({len(reached)}/{len(reach)} seeds)"
+        at = [
+            statistics.mean(dict((s, a) for s, a, _ in r["curve"]).get(k, float("nan")) for r in runs)
+            for k in at_steps
+        ]
+        final = statistics.mean(r["curve"][-1][1] for r in runs)
+        greedy = statistics.mean(r["curve"][-1][2] for r in runs)
+        lines.append(
+            f"| {algo} | {median} | "
+            + " | ".join(f"{100 * a:.1f}%" for a in at)
+            + f" | {100 * final:.1f}% | {100 * greedy:.1f}% | "
+            f"{statistics.mean(r['response_len'] for r in runs):.1f} | "
+            f"{statistics.mean(r['entropy'] for r in runs):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], algos: list[str], path: Path, target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for algo in algos:
+        curves = [r["curve"] for r in results if r["algo"] == algo]
+        steps = [s for s, _, _ in curves[0]]
+        accs = [[c[i][1] for c in curves] for i in range(len(steps))]
+        ax.plot(steps, [statistics.mean(a) for a in accs], marker="o", label=algo)
+        ax.fill_between(steps, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
+    ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy (mean@4, T = 1)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    ap.add_argument("--algos", nargs="+", default=["grpo", "sdpg", "opd"])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--target", type=float, default=0.8, help="held-out accuracy to reach")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one thread each)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps: a smoke run")
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("extra", nargs="*", help="more sdpg.py flags, after --")
+    a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.steps = 1, 40
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-c", "import tiny_model; tiny_model.ensure_tiny_model()"], cwd=ROOT, check=True
+    )  # build the cached tiny model once, before the parallel runs
+    jobs = [(algo, seed) for seed in range(a.seeds) for algo in a.algos]
+    t0 = time.time()
+    with ThreadPoolExecutor(a.jobs) as pool:
+        results = list(pool.map(lambda j: run_one(*j, a.steps, a.eval_every, out, a.extra), jobs))
+    at_steps = [s for s in (25, 50, 100) if s < a.steps] or [a.eval_every]
+    table = summarize(results, a.algos, a.target, at_steps)
+    print(table)
+    print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")
+    (out / "compare_algos.md").write_text(table + "\n")
+    (out / "compare_algos.json").write_text(json.dumps(results, indent=1))
+    plot(results, a.algos, out / "compare_algos.png", a.target)
+
+
+if __name__ == "__main__":
+    main()
