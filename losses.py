@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KL_MODES = ("fkl", "rkl", "ufkl", "urkl")
+# Tokens per chunk of the LM head pass. At Qwen's V = 151,936 a chunk holds at most three
+# [256, V] float32 tensors (~470 MB); bench/kl_bench.py measured this as under 10% of the
+# naive path's peak and no slower (README, "Benchmarks").
+DEFAULT_CHUNK = 256
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
 
@@ -264,7 +268,7 @@ def chunked_head(
     teacher_hidden: Tensor | None = None,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunked pass over the LM head: (logp [N], kl [N], entropy [N]).
 
@@ -291,7 +295,7 @@ def chunked_kl(
     weight: Tensor,
     bias: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """KL(p || SG[q]) per token [N] from hidden states [N, H] and LM head [V, H].
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from data import Example
-from losses import chunked_head
+from losses import DEFAULT_CHUNK, chunked_head
 
 INSTRUCTION = "Put the final answer in \\boxed{}."
 DEFAULT_CONTEXT = (
@@ -204,7 +204,7 @@ def score_tokens(
     response_mask: Tensor,
     teacher_hidden: Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, kl, entropy), each [B, T] and 0 on masked tokens, through the chunked head.
 
@@ -222,7 +222,7 @@ def view_logprobs(
     model: PreTrainedModel,
     batch: RolloutBatch,
     temperature: float,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """log pi(y_t) [B*G, T] of the student view, for old or reference log-probs (no grad)."""
     with torch.no_grad():

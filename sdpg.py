@@ -25,6 +25,7 @@ whole loss is computed from final hidden states so no [B, T, V] logits tensor ex
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,7 +51,7 @@ from checkpoint import (
     save_checkpoint,
 )
 from data import DataError, Example, load_task
-from losses import AGG_MODES, KL_MODES, beta_schedule, group_advantages, sdpg_loss
+from losses import AGG_MODES, DEFAULT_CHUNK, KL_MODES, beta_schedule, group_advantages, sdpg_loss
 from rollout import RolloutBatch, prompt_texts, response_hidden, rollout, score_tokens, view_logprobs
 from tiny_model import WARM_START_STEPS, ensure_tiny_model
 from verifier import make_reward_fn
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-prompts", type=int, default=None, help="B, prompts per step")
     a("--micro-batch", type=int, default=None, help="rows per forward/backward")
     a("--ppo-epochs", type=int, default=1, help="passes over each batch (>1 uses old log-probs)")
-    a("--kl-chunk-size", type=int, default=256, help="tokens per chunk of the full-vocab KL")
+    a("--kl-chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per chunk of the full-vocab KL")
     a("--seed", type=int, default=0, help="seeds sampling, data order and init")
     a(
         "--output-dir",
@@ -362,21 +363,14 @@ def cpu_safe_4bit(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-def reference_context(model, reference):
-    """Where reference log-probs come from: the adapter disabled, or the frozen copy."""
-    return nullcontext(reference) if reference is not None else _adapter_off(model)
-
-
-class _adapter_off:
-    def __init__(self, model):
-        self.model, self.ctx = model, model.disable_adapter()
-
-    def __enter__(self):
-        self.ctx.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
+@contextmanager
+def reference_model(model, reference):
+    """The model that gives reference log-probs: the frozen copy, or the adapter switched off."""
+    if reference is not None:
+        yield reference
+    else:
+        with model.disable_adapter():
+            yield model
 
 
 # ---------------------------------------------------------------- data
@@ -413,15 +407,19 @@ def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], l
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A fixed shuffle of range(n) per (seed, epoch)."""
+    order = list(range(n))
+    random.Random(seed * 7919 + epoch).shuffle(order)
+    return order
+
+
 def batch_examples(train: list[Example], step: int, batch_prompts: int, seed: int) -> list[Example]:
-    """The step's prompts: a fixed shuffle per epoch, so step k always sees the same batch."""
-    out = []
-    for pos in range(step * batch_prompts, (step + 1) * batch_prompts):
-        epoch, i = divmod(pos, len(train))
-        order = list(range(len(train)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        out.append(train[order[i]])
-    return out
+    """The step's prompts: a fixed shuffle per epoch, so step k always sees the same batch
+    (which is what makes a resumed run continue at the right data position)."""
+    positions = range(step * batch_prompts, (step + 1) * batch_prompts)
+    return [train[epoch_order(len(train), seed, p // len(train))[p % len(train)]] for p in positions]
 
 
 # ---------------------------------------------------------------- one step
@@ -436,7 +434,7 @@ def update(
     t0 = time.perf_counter()
     ref_logp = old_logp = None
     if args.alpha > 0:
-        with reference_context(model, reference) as ref_model:
+        with reference_model(model, reference) as ref_model:
             ref_logp = micro_batched_logprobs(ref_model, batch, args)
     if args.ppo_epochs > 1:
         old_logp = micro_batched_logprobs(model, batch, args)

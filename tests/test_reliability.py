@@ -273,3 +273,38 @@ def test_weights_only_loading_everywhere():
                 assert "weights_only=True" in line, (path.name, line)
         assert not re.search(r"(?<![\w.])(eval|exec)\(", text), path.name  # model output is only text
         assert "import pickle" not in text
+
+
+def test_long_prompts_are_dropped_and_counted(tiny_path, tmp_path, capsys):
+    rows = [{"question": "Ann has 3 pens and gets " + "very many more " * 60 + "pens?", "answer": "5"}]
+    rows += [
+        {"question": f"Ann has {i} pens and gets 1 more. How many pens now?", "answer": str(i + 1)}
+        for i in range(1, 4)
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    argv = [
+        "--model",
+        tiny_path,
+        *RUN,
+        "--data",
+        path,
+        "--steps",
+        "1",
+        "--max-prompt-length",
+        "80",
+        "--output-dir",
+        tmp_path / "o",
+    ]
+    code, err = main_code(argv, capsys)
+    assert code == 0 and any("train: dropped 1 of 3 examples" in line for line in err), err
+    code, err = main_code([*argv[:-2], "--max-prompt-length", "5", "--output-dir", tmp_path / "o2"], capsys)
+    assert code == 2 and "no train example fits --max-prompt-length 5" in err[-1]
+
+
+def test_batches_follow_the_step(tiny_path):
+    train = [str(i) for i in range(10)]
+    seen = [x for step in range(5) for x in sdpg.batch_examples(train, step, 4, seed=1)]
+    assert sorted(seen[:10]) == train and sorted(seen[10:20]) == train  # every epoch is a permutation
+    assert sdpg.batch_examples(train, 3, 4, seed=1) == seen[12:16]  # step k: always the same prompts
+    assert seen[:10] != seen[10:20]  # reshuffled per epoch
