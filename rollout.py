@@ -142,9 +142,11 @@ def rollout(
     top_p: float = 1.0,
     seed: int = 0,
     min_new_tokens: int = 0,
+    view: str = "student",
 ) -> RolloutBatch:
     """Sample group_size responses per example from the student view (prompts repeated
-    G times, so greedy decoding works with any G too)."""
+    G times, so greedy decoding works with any G too). view="teacher" samples from the
+    teacher prompt instead: only to measure how good the teacher is."""
     device = next(model.parameters()).device
     texts = [prompt_texts(tokenizer, ex) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
@@ -152,19 +154,21 @@ def rollout(
     t_ids, t_mask = left_pad([encode(tokenizer, t) for _, t in texts], pad)  # [B, Lt]
     G = group_size
     s_ids, s_mask = s_ids.repeat_interleave(G, 0), s_mask.repeat_interleave(G, 0)  # [B*G, Ls]
+    t_ids, t_mask = t_ids.repeat_interleave(G, 0), t_mask.repeat_interleave(G, 0)  # [B*G, Lt]
+    ids, mask = (t_ids, t_mask) if view == "teacher" else (s_ids, s_mask)
     cfg = sampling_config(model, tokenizer, max_new_tokens, temperature, top_p, min_new_tokens)
     torch.manual_seed(seed)  # generate samples from the global generator
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=s_ids.to(device), attention_mask=s_mask.to(device), generation_config=cfg)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg)
     model.train(was_training)
-    responses = out[:, s_ids.shape[1] :].cpu()  # [B*G, T]
+    responses = out[:, ids.shape[1] :].cpu()  # [B*G, T]
     mask, truncated = response_mask(responses, eos_ids(model, tokenizer))
     return RolloutBatch(
         student_ids=s_ids,
         student_mask=s_mask,
-        teacher_ids=t_ids.repeat_interleave(G, 0),
-        teacher_mask=t_mask.repeat_interleave(G, 0),
+        teacher_ids=t_ids,
+        teacher_mask=t_mask,
         response_ids=responses,
         response_mask=mask,
         truncated=truncated,

@@ -621,17 +621,26 @@ def peak_memory_gb() -> float:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples: list[Example], args, reward_fn) -> dict:
-    """Held-out accuracy: mean@k at the training temperature, and greedy."""
-    sampled, greedy = [], []
+    """Held-out accuracy: mean@k at the training temperature and greedy; and the teacher
+    view's greedy accuracy, to see whether the teacher still knows more than the student."""
+    scores: dict[str, list[float]] = {
+        f"eval_mean@{args.eval_samples}": [],
+        "eval_greedy": [],
+        "eval_teacher_greedy": [],
+    }
+    settings = [
+        (f"eval_mean@{args.eval_samples}", args.temperature, args.eval_samples, "student"),
+        ("eval_greedy", 0.0, 1, "student"),
+        ("eval_teacher_greedy", 0.0, 1, "teacher"),
+    ]
     for s in range(0, len(examples), 32):
         chunk = examples[s : s + 32]
-        for temp, k, out in ((args.temperature, args.eval_samples, sampled), (0.0, 1, greedy)):
-            b = rollout(model, tokenizer, chunk, k, args.max_new_tokens, temp, args.top_p, seed=args.seed + s)
-            out += [reward_fn(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
-    return {
-        f"eval_mean@{args.eval_samples}": sum(sampled) / len(sampled),
-        "eval_greedy": sum(greedy) / len(greedy),
-    }
+        for key, temp, k, view in settings:
+            b = rollout(
+                model, tokenizer, chunk, k, args.max_new_tokens, temp, args.top_p, args.seed + s, view=view
+            )
+            scores[key] += [reward_fn(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
+    return {key: sum(v) / len(v) for key, v in scores.items()}
 
 
 def write_samples(path: Path, step: int, batch: RolloutBatch, rewards: torch.Tensor, n: int = 4) -> None:

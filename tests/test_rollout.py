@@ -218,3 +218,20 @@ def test_file_examples_formats_and_errors(tmp_path):
 def test_load_task_arithmetic_default_sizes():
     assert len(data.load_task("arithmetic", "test")) == 200
     assert len(data.load_task("arithmetic", "train", n=10)) == 10
+
+
+def test_teacher_view_sampling_continues_the_teacher_prompt(tiny):
+    model, tok = tiny
+    b = rollout(model, tok, EXAMPLES, 1, 5, temperature=0.0, view="teacher")
+    for i in range(len(EXAMPLES)):
+        ids = b.teacher_ids[i : i + 1, b.teacher_mask[i].bool()]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=5,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        n = int(b.response_mask[i].sum())
+        assert out[0, ids.shape[1] : ids.shape[1] + n].tolist() == b.response_ids[i, :n].tolist()
