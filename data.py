@@ -143,9 +143,11 @@ def file_examples(path: str | Path) -> list[Example]:
     return out
 
 
-def load_task(name: str, split: str, n: int = 0, seed: int = 0) -> list[Example]:
+def load_task(
+    name: str, split: str, n: int = 0, seed: int = 0, solution_as_context: bool = False
+) -> list[Example]:
     """`arithmetic`, `gsm8k`, or a file path; n > 0 keeps the first n examples."""
     if name == "arithmetic":
         return arithmetic_split(n or (2000 if split == "train" else 200), split, seed)
-    examples = gsm8k_split(split) if name == "gsm8k" else file_examples(name)
+    examples = gsm8k_split(split, solution_as_context) if name == "gsm8k" else file_examples(name)
     return examples[:n] if n > 0 else examples

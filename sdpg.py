@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'tiny' (built offline), a local folder, a hub id, or a Qwen2.5 short name like Qwen2.5-0.5B",
     )
     a("--data", default=None, help="'arithmetic', 'gsm8k', or a .jsonl/.parquet/.csv file")
+    a("--gsm8k-solution-context", action="store_true", help="GSM8K: the teacher sees the worked solution")
     a("--eval-data", default=None, help="held-out file (default: the task's test split)")
     a("--algo", choices=ALGOS, default="sdpg", help="sdpg; grpo (beta = 0); opd (no outcome term)")
     a("--beta", type=float, default=None, help="distillation weight beta")
@@ -378,7 +379,7 @@ def reference_model(model, reference):
 
 def load_examples(args: argparse.Namespace, tokenizer) -> tuple[list[Example], list[Example]]:
     """Train and eval examples, prompts longer than --max-prompt-length dropped (counted)."""
-    train = load_task(args.data, "train", seed=args.seed)
+    train = load_task(args.data, "train", seed=args.seed, solution_as_context=args.gsm8k_solution_context)
     if args.eval_data:
         evals = load_task(args.eval_data, "test")
     elif args.data in ("arithmetic", "gsm8k"):

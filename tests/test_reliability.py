@@ -308,3 +308,34 @@ def test_batches_follow_the_step(tiny_path):
     assert sorted(seen[:10]) == train and sorted(seen[10:20]) == train  # every epoch is a permutation
     assert sdpg.batch_examples(train, 3, 4, seed=1) == seen[12:16]  # step k: always the same prompts
     assert seen[:10] != seen[10:20]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full-finetune"])
+def test_checkpoint_round_trip(tiny_path, tmp_path, full):
+    from checkpoint import load_checkpoint, save_checkpoint
+
+    args = sdpg.resolve_defaults(
+        sdpg.build_parser().parse_args(
+            ["--model", str(tiny_path), *RUN, *(["--full-finetune"] if full else [])]
+        )
+    )
+    model, _, _ = sdpg.load_policy(args)
+    opt = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    for p in opt.params:
+        p.grad = torch.ones_like(p)
+    opt.finish(1.0)  # one real step: AdamW now has state
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    torch.manual_seed(123)
+    path = save_checkpoint(tmp_path, 7, model, opt, args, keep=2)
+    expected_draw = torch.rand(3)
+    with torch.no_grad():
+        for p in opt.params:
+            p.add_(1.0)
+    opt2 = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    assert load_checkpoint(path, model, opt2) == 7
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, saved[n], rtol=0, atol=0)
+    assert torch.equal(torch.rand(3), expected_draw)  # the torch RNG continues where it was saved
+    a, b = opt.opt.state_dict()["state"], opt2.opt.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)

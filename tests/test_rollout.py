@@ -235,3 +235,14 @@ def test_teacher_view_sampling_continues_the_teacher_prompt(tiny):
         )
         n = int(b.response_mask[i].sum())
         assert out[0, ids.shape[1] : ids.shape[1] + n].tolist() == b.response_ids[i, :n].tolist()
+
+
+def test_gsm8k_gold_and_context(monkeypatch):
+    import datasets
+
+    rows = [{"question": "Q1?", "answer": "Half of 48 is <<48/2=24>>24.\nSo 48+24 = 72.\n#### 72"}]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
+    (ex,) = data.load_task("gsm8k", "train")
+    assert (ex.question, ex.answer, ex.context) == ("Q1?", "72", None)
+    (ex,) = data.load_task("gsm8k", "train", solution_as_context=True)
+    assert ex.context.startswith("Half of 48") and ex.context.endswith("The final answer is 72.")

@@ -259,3 +259,19 @@ def test_default_entry_point_smoke(tmp_path):
     for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
         assert (out / name).stat().st_size > 0
     assert (tmp_path / "cache" / "tiny-v2-seed0-warm5" / "model.safetensors").exists()
+
+
+def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
+    args = make_args(tiny_path, "--full-finetune", "--lr", "1e-3", "--alpha", "0.05")
+    model, tok, reference = sdpg.load_policy(args)
+    assert reference is not None and not any(p.requires_grad for p in reference.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
+    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
+    for step in range(2):
+        m = sdpg.train_step(
+            model, reference, optimizer, tok, EXAMPLES[2 * step : 2 * step + 2], step, args, varied_reward
+        )[0]
+        assert m["skipped_step"] == 0.0 and m["ref_kl"] >= 0
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(ref_before[n], p) for n, p in reference.named_parameters())
