@@ -67,26 +67,27 @@ def train_tokenizer(vocab_size: int = 384, seed: int = 0) -> Qwen2Tokenizer:
     return Qwen2Tokenizer(vocab=trained["vocab"], merges=merges, eos_token=EOS, pad_token=EOS, unk_token=EOS)
 
 
-def build_tiny_model(
-    path: str | Path,
-    seed: int = 0,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 384,
-) -> Path:
-    """Build, save and return a folder holding a random tiny Qwen2 and its tokenizer."""
+TINY_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
+def build_tiny_model(path: str | Path, seed: int = 0, **shape) -> Path:
+    """Build, save and return a folder holding a random Qwen2 and the tiny tokenizer.
+
+    `shape` overrides Qwen2Config fields of TINY_SHAPE (bench/gpu_check.py builds
+    Qwen2.5-0.5B's shape this way); vocab_size defaults to the tokenizer's size.
+    """
     path = Path(path)
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(seed=seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=512,
+        **{"vocab_size": len(tokenizer), **TINY_SHAPE, **shape},
         tie_word_embeddings=True,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,

@@ -1,8 +1,9 @@
 """GPU check: three SDPG steps at Qwen2.5-0.5B's exact shape, 4-bit NF4 + LoRA.
 
 Builds offline a randomly initialised Qwen2 with Qwen2.5-0.5B's shape (hidden 896, 24
-layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151,936, tied embeddings; the
-weights are random, so rewards are 0 and only speed and memory mean anything), loads
+layers, 14 heads, 2 KV heads, intermediate 4864, vocab 151,936, tied embeddings) under the
+tiny tokenizer, whose ids fit any vocabulary (the weights are random, so rewards are 0
+and only speed and memory mean anything), loads
 it the way sdpg.py does (NF4 base, LoRA on all linear layers), runs 3 SDPG steps with
 G = 8 and a forced response length, and prints peak memory, seconds per step split
 into generate / reference / teacher / student update, and generation tokens/s. Then
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import sdpg  # noqa: E402
 from data import arithmetic_split  # noqa: E402
-from tiny_model import train_tokenizer  # noqa: E402
+from tiny_model import build_tiny_model  # noqa: E402
 
 QWEN25_05B = dict(
     hidden_size=896,
@@ -38,34 +39,9 @@ QWEN25_05B = dict(
     num_key_value_heads=2,
     intermediate_size=4864,
     vocab_size=151936,
+    max_position_embeddings=4096,
 )
-SMALL = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=4096,
-)
-
-
-def build_model(folder: Path, shape: dict) -> None:
-    """A random Qwen2 of this shape with the tiny tokenizer (its ids fit in any vocab)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = train_tokenizer()
-    config = Qwen2Config(
-        **shape,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="bfloat16",
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+SMALL = dict(vocab_size=4096)  # the tiny model's body under a larger vocabulary
 
 
 def main() -> None:
@@ -83,7 +59,7 @@ def main() -> None:
     new_tokens = 16 if a.small else a.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
-        build_model(folder, SMALL if a.small else QWEN25_05B)
+        build_tiny_model(folder, **(SMALL if a.small else QWEN25_05B))
         args = sdpg.resolve_defaults(
             sdpg.build_parser().parse_args(
                 [
