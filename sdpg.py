@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-size", type=int, default=None, help="held-out prompts per eval")
     a("--eval-samples", type=int, default=None, help="k of mean@k at the training temperature")
     a("--verifier", choices=("rule", "math-verify"), default="rule", help="reward backend")
+    a(
+        "--last-number-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rule verifier: without \\boxed, '####' or 'answer is', use the last number (off for MATH)",
+    )
     a("--lora-r", type=int, default=None, help="LoRA rank")
     a("--lora-alpha", type=int, default=None, help="LoRA scaling alpha")
     a("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
@@ -719,7 +725,7 @@ def train(args: argparse.Namespace) -> int:
     """The whole run; returns the exit code (0, or 130 when stopped by Ctrl-C)."""
     out_dir, resume_from = open_run(args)
     try:
-        reward_fn = make_reward_fn(args.verifier)
+        reward_fn = make_reward_fn(args.verifier, args.last_number_fallback)
     except RuntimeError as e:  # the optional math-verify backend is not installed
         raise UsageError(str(e)) from e
     path, tokenizer = load_tokenizer(args)
@@ -753,7 +759,11 @@ def train(args: argparse.Namespace) -> int:
             log(out_dir, metrics)
             if evaluated:
                 plot_curves(out_dir)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl_distill', 0):.3g}")
+            bar.set_postfix(
+                reward=f"{metrics['reward']:.2f}",
+                acc=f"{metrics['accuracy']:.2f}",
+                kl=f"{metrics.get('kl_distill', 0):.3g}",
+            )
             if optimizer.bad_in_a_row >= args.max_bad_steps:
                 raise TrainingError(bad_steps_message(args, out_dir))
             if ctrl_c.requested or done == args.steps or (args.save_every and done % args.save_every == 0):

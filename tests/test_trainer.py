@@ -225,6 +225,8 @@ def test_resolve_defaults_and_short_names():
     assert args.lr == sdpg.FULL_FINETUNE_LR
     args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--algo", "grpo"]))
     assert args.beta == 0.0 and args.alpha == 0.0
+    assert args.last_number_fallback is True
+    assert sdpg.build_parser().parse_args(["--no-last-number-fallback"]).last_number_fallback is False
 
 
 def test_reward_is_the_verifier():
