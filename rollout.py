@@ -97,6 +97,11 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[
     return ids
 
 
+def pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad token, else the first EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+
+
 def response_mask(response_ids: Tensor, eos: Sequence[int]) -> tuple[Tensor, Tensor]:
     """(mask [n, T]: 1 up to and including the first EOS, truncated [n]: no EOS at all)."""
     is_eos = torch.isin(response_ids, torch.tensor(list(eos), device=response_ids.device))  # [n, T]
@@ -123,9 +128,7 @@ def sampling_config(
         repetition_penalty=1.0,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
-        pad_token_id=tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else eos_ids(model, tokenizer)[0],
+        pad_token_id=pad_id(model, tokenizer),
         eos_token_id=eos_ids(model, tokenizer),
         use_cache=True,
     )
@@ -149,7 +152,7 @@ def rollout(
     teacher prompt instead: only to measure how good the teacher is."""
     device = next(model.parameters()).device
     texts = [prompt_texts(tokenizer, ex) for ex in examples]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+    pad = pad_id(model, tokenizer)
     s_ids, s_mask = left_pad([encode(tokenizer, s) for s, _ in texts], pad)  # [B, Ls]
     t_ids, t_mask = left_pad([encode(tokenizer, t) for _, t in texts], pad)  # [B, Lt]
     G = group_size

@@ -77,15 +77,18 @@ TINY_SHAPE = dict(
 )
 
 
-def build_tiny_model(path: str | Path, seed: int = 0, **shape) -> Path:
-    """Build, save and return a folder holding a random Qwen2 and the tiny tokenizer.
+def build_tiny_model(
+    path: str | Path, seed: int = 0, tokenizer: Qwen2Tokenizer | None = None, **shape
+) -> Path:
+    """Build, save and return a folder holding a random Qwen2 and a tokenizer.
 
-    `shape` overrides Qwen2Config fields of TINY_SHAPE (bench/gpu_check.py builds
+    The tokenizer is the tiny one unless given (bench/step_bench.py passes Qwen2's real
+    one). `shape` overrides Qwen2Config fields of TINY_SHAPE (bench/gpu_check.py builds
     Qwen2.5-0.5B's shape this way); vocab_size defaults to the tokenizer's size.
     """
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(seed=seed)
+    tokenizer = tokenizer or train_tokenizer(seed=seed)
     config = Qwen2Config(
         **{"vocab_size": len(tokenizer), **TINY_SHAPE, **shape},
         tie_word_embeddings=True,

