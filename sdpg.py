@@ -36,7 +36,7 @@ import signal
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--beta-warmup-steps", type=int, default=0, help="linear beta warm-up length (0: off)")
     a("--beta-decay-steps", type=int, default=0, help="linear beta decay to 0 over the last steps (0: off)")
     a("--positive-adv-only", action="store_true", help="distil only responses with A > 0")
+    a(
+        "--teacher",
+        choices=("live", "initial"),
+        default="live",
+        help="who reads the context: live = current policy (the paper), initial = reference (ablation)",
+    )
     a("--eps-low", type=float, default=0.2, help="PPO clip below 1")
     a("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
     a("--clip-c", type=float, default=10.0, help="dual-clip bound for A < 0")
@@ -258,6 +264,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
             )
+    if args.teacher == "initial" and args.full_finetune:
+        raise UsageError(
+            "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
+            "changes: use LoRA (drop --full-finetune) or --teacher live"
+        )
     if args.num_generations < 2:
         raise UsageError(
             f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
@@ -380,6 +391,11 @@ def reference_model(model, reference):
             yield model
 
 
+def teacher_model(model, reference, teacher: str):
+    """The teacher's weights: the policy itself ('live'), or the reference ('initial')."""
+    return reference_model(model, reference) if teacher == "initial" else nullcontext(model)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -449,14 +465,18 @@ def update(
     totals: dict[str, float] = {}
     for _ in range(args.ppo_epochs):
         optimizer.zero_grad()
-        metrics = accumulate_gradients(model, batch, advantages, ref_logp, old_logp, args, beta, timings)
+        metrics = accumulate_gradients(
+            model, batch, advantages, ref_logp, old_logp, args, beta, timings, reference
+        )
         metrics.update(optimizer.finish(args.grad_clip))
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v / args.ppo_epochs
     return {**totals, **timings}
 
 
-def accumulate_gradients(model, batch, advantages, ref_logp, old_logp, args, beta, timings=None) -> dict:
+def accumulate_gradients(
+    model, batch, advantages, ref_logp, old_logp, args, beta, timings=None, reference=None
+) -> dict:
     """Backward of the whole batch's loss, one micro-batch at a time.
 
     Each micro-batch's loss is divided by the whole batch's token count (row count for
@@ -479,6 +499,7 @@ def accumulate_gradients(model, batch, advantages, ref_logp, old_logp, args, bet
             beta,
             normalizer,
             timings,
+            reference,
         )
         share = float(mask[rows].sum()) / max(1.0, float(mask.sum()))
         for k, v in metrics.items():  # the loss is already this micro-batch's share
@@ -496,14 +517,16 @@ def micro_batched_logprobs(model, batch: RolloutBatch, args) -> torch.Tensor:
     return torch.cat(parts)  # [B*G, T]
 
 
-def micro_step(model, mb: RolloutBatch, adv, ref_logp, old_logp, args, beta, normalizer, timings) -> dict:
+def micro_step(
+    model, mb: RolloutBatch, adv, ref_logp, old_logp, args, beta, normalizer, timings, reference=None
+) -> dict:
     """Teacher (no grad) and student (grad) on one micro-batch, then loss.backward()."""
     t0 = time.perf_counter()
     teacher_h = None
     if beta > 0 or args.algo == "opd":
-        with torch.no_grad():
+        with torch.no_grad(), teacher_model(model, reference, args.teacher) as teacher:
             teacher_h = response_hidden(
-                model, mb.teacher_ids, mb.teacher_mask, mb.response_ids, mb.response_mask
+                teacher, mb.teacher_ids, mb.teacher_mask, mb.response_ids, mb.response_mask
             )
     t1 = time.perf_counter()
     student_h = response_hidden(model, mb.student_ids, mb.student_mask, mb.response_ids, mb.response_mask)

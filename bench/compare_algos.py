@@ -1,4 +1,5 @@
-"""Does SDPG lift earlier than GRPO? GRPO vs SDPG vs pure self-distillation (opd).
+"""Does SDPG lift earlier than GRPO? GRPO vs SDPG vs pure self-distillation (opd), and
+SDPG with the initial weights as teacher (sdpg-initial, beta 1: an ablation).
 
 Runs `sdpg.py` on the embedded task (tiny model, arithmetic) for each algorithm and
 seed, everything else identical, then writes into --out:
@@ -7,7 +8,7 @@ seed, everything else identical, then writes into --out:
   compare_algos.png  held-out accuracy vs step: mean over seeds and min-max band
   compare_algos.json the raw eval curves
 
-    python bench/compare_algos.py            # 3 seeds x 3 algorithms
+    python bench/compare_algos.py            # 3 seeds x 4 contenders
     python bench/compare_algos.py --quick    # 1 seed, fewer steps: a smoke run
 """
 
@@ -25,16 +26,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ACC = "eval_mean@4"
+VARIANTS = {  # a contender name -> its sdpg.py flags; any other name is an --algo
+    "sdpg-initial": ["--algo", "sdpg", "--teacher", "initial", "--beta", "1.0"],
+}
 
 
 def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> dict:
-    """One training run in its own process; returns its eval curve and summary stats."""
+    """One training run of a contender (an --algo or a VARIANTS name) in its own process;
+    returns its eval curve and summary stats."""
     folder = out / "runs" / f"{algo}-seed{seed}"
     cmd = [
         sys.executable,
         str(ROOT / "sdpg.py"),
-        "--algo",
-        algo,
+        *VARIANTS.get(algo, ["--algo", algo]),
         "--seed",
         str(seed),
         "--steps",
@@ -126,7 +130,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    ap.add_argument("--algos", nargs="+", default=["grpo", "sdpg", "opd"])
+    ap.add_argument("--algos", nargs="+", default=["grpo", "sdpg", "opd", "sdpg-initial"])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=10)

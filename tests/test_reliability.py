@@ -215,6 +215,7 @@ def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
         (["--kl-mode", "k3"], "invalid choice: 'k3'"),
         (["--steps", "ten"], "invalid int value"),
         (["--top-p", "0"], "0 < --top-p <= 1"),
+        (["--teacher", "initial", "--full-finetune"], "use LoRA (drop --full-finetune)"),
     ],
 )
 def test_bad_flags(argv, words, tmp_path, capsys):

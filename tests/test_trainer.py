@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -73,8 +74,9 @@ def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
     assert not torch.allclose(view_logprobs(model, batch, 1.0), ref)  # the adapter did learn
 
 
-def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0):
-    """The SDPG loss from full [B, T, V] logits in float64, written independently."""
+def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live"):
+    """The SDPG loss from full [B, T, V] logits in float64, written independently.
+    teacher="initial": the teacher is the model with its adapter switched off."""
 
     def logits(ids, mask):
         full, m = torch.cat([ids, batch.response_ids], 1), torch.cat([mask, batch.response_mask], 1)
@@ -82,7 +84,7 @@ def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0):
         return out[:, ids.shape[1] - 1 : -1].double()  # [B, T, V]
 
     log_p = torch.log_softmax(logits(batch.student_ids, batch.student_mask), -1)
-    with torch.no_grad():
+    with torch.no_grad(), model.disable_adapter() if teacher == "initial" else nullcontext():
         log_q = torch.log_softmax(logits(batch.teacher_ids, batch.teacher_mask), -1)
     logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
@@ -98,11 +100,18 @@ def grads_of(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("algo, beta, alpha", [("sdpg", 0.3, 0.2), ("grpo", 0.0, 0.0), ("opd", 0.5, 0.0)])
-def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha):
-    args = make_args(
-        tiny_path, "--algo", algo, "--alpha", str(alpha), *(["--beta", str(beta)] if beta else [])
-    )
+@pytest.mark.parametrize(
+    "algo, beta, alpha, teacher",
+    [
+        ("sdpg", 0.3, 0.2, "live"),
+        ("grpo", 0.0, 0.0, "live"),
+        ("opd", 0.5, 0.0, "live"),
+        ("sdpg", 0.7, 0.1, "initial"),
+    ],
+)
+def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha, teacher):
+    beta_flags = ["--beta", str(beta)] if beta else []
+    args = make_args(tiny_path, "--algo", algo, "--alpha", str(alpha), "--teacher", teacher, *beta_flags)
     model, tok, _ = sdpg.load_policy(args)
     with torch.no_grad():  # a non-zero adapter, so the teacher and reference differ from the student
         for n, p in model.named_parameters():
@@ -116,7 +125,8 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
     metrics = sdpg.accumulate_gradients(model, batch, adv, ref_logp if alpha else None, None, args, beta)
     ours = grads_of(model)
     model.zero_grad()
-    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=0.0 if algo == "opd" else 1.0)
+    outcome = 0.0 if algo == "opd" else 1.0
+    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome, teacher)
     expected.backward()
     theirs = grads_of(model)
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
