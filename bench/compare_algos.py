@@ -151,7 +151,8 @@ def main() -> None:
     t0 = time.time()
     with ThreadPoolExecutor(a.jobs) as pool:
         results = list(pool.map(lambda j: run_one(*j, a.steps, a.eval_every, out, a.extra), jobs))
-    at_steps = [s for s in (25, 50, 100) if s < a.steps] or [a.eval_every]
+    evals = range(a.eval_every, a.steps, a.eval_every)  # eval steps before the last
+    at_steps = [s for s in (25, 50, 100) if s in evals] or list(evals)[:3]
     table = summarize(results, a.algos, a.target, at_steps)
     print(table)
     print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")
