@@ -881,7 +881,13 @@ def save_policy(model, tokenizer, out_dir: Path) -> None:
 
 
 def verl_overrides(args: argparse.Namespace) -> list[str]:
-    """The authors' verl recipe keys for the same run (see README)."""
+    """The authors' verl recipe keys for the same run (see README); UsageError for a run
+    that recipe cannot express."""
+    if args.algo == "opd" or args.teacher != "live":
+        raise UsageError(
+            "the verl recipe has no key for --algo opd or --teacher initial: "
+            "print overrides for --algo sdpg or grpo with the live teacher"
+        )
     pl = "actor_rollout_ref.actor.policy_loss"
     actor = "actor_rollout_ref.actor"
     return [

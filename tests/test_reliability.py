@@ -216,6 +216,8 @@ def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
         (["--steps", "ten"], "invalid int value"),
         (["--top-p", "0"], "0 < --top-p <= 1"),
         (["--teacher", "initial", "--full-finetune"], "use LoRA (drop --full-finetune)"),
+        (["--algo", "opd", "--print-verl-overrides"], "no key for --algo opd or --teacher initial"),
+        (["--teacher", "initial", "--print-verl-overrides"], "no key for --algo opd or --teacher initial"),
     ],
 )
 def test_bad_flags(argv, words, tmp_path, capsys):
