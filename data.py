@@ -7,10 +7,10 @@ answer with a template (rollout.DEFAULT_CONTEXT); a source may instead give c ve
 
 Sources:
 - `arithmetic`: built in, generated offline from a seed; the default task. One-digit
-  additions and subtractions (a + b, and a - b with 10 <= a <= 18) phrased as short word
-  problems, with a fixed held-out split whose questions never occur in training. The
-  162 arithmetic facts are shared by both splits: the held-out set measures answering
-  new questions, not discovering new arithmetic.
+  additions (a + b, 1 <= a, b <= 9) phrased as short word problems, with a fixed
+  held-out split whose questions never occur in training. The 81 addition facts are
+  shared by both splits: the held-out set measures answering new questions, not
+  discovering new arithmetic.
 - `gsm8k`: `openai/gsm8k` (config `main`) through `datasets`; gold = text after '####'.
 - a local `.jsonl`, `.json`, `.parquet` or `.csv` file with columns `question` and
   `answer` and optional `context`. A `question` that holds the authors' separator
@@ -50,14 +50,10 @@ _ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
 
 
 def arithmetic_example(rng: random.Random) -> Example:
-    """A word problem over one-digit facts: a + b or (a >= 10) a - b; 162 facts in all."""
+    """A word problem over a one-digit addition fact a + b; 81 facts in all."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    b = rng.randint(1, 9)
-    if rng.random() < 0.5:
-        a = rng.randint(1, 9)
-        return Example(f"{name} has {a} {item} and gets {b} more. How many {item} now?", str(a + b))
-    a = rng.randint(10, 18)
-    return Example(f"{name} has {a} {item} and gives away {b}. How many {item} are left?", str(a - b))
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    return Example(f"{name} has {a} {item} and gets {b} more. How many {item} now?", str(a + b))
 
 
 def arithmetic_split(n: int, split: str, seed: int = 0) -> list[Example]:

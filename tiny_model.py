@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -25,7 +27,7 @@ from data import Example, arithmetic_example, arithmetic_split
 from rollout import DEFAULT_CONTEXT, INSTRUCTION, encode, prompt_texts
 
 EOS = "<|endoftext|>"
-TINY_VERSION = "v2"  # bump when the recipe changes, so caches rebuild
+TINY_VERSION = "v3"  # bump when the recipe changes, so caches rebuild
 WARM_START_STEPS = 800
 QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -130,19 +132,31 @@ def ensure_tiny_model(
     return path
 
 
-def sft_rows(tokenizer, examples: list[Example], teacher_share: float, noise: float, rng: random.Random):
+def misconception(ex: Example) -> str:
+    """The warm-started student's fixed wrong answer to a fact: the gold answer off by
+    1 or 2, the offset chosen by a hash of the question's numbers (the same for every
+    phrasing of the fact, and the same in every process)."""
+    fact = " ".join(re.findall(r"\d+", ex.question) + [ex.answer])
+    offset = (-2, -1, 1, 2)[zlib.crc32(fact.encode()) % 4]
+    answer = int(ex.answer)
+    return str(answer + offset if answer + offset >= 0 else answer - offset)
+
+
+def sft_rows(
+    tokenizer, examples: list[Example], teacher_share: float, right_share: float, rng: random.Random
+) -> list[tuple[list[int], list[int]]]:
     """(ids, loss mask) rows: a prompt view, then ' \\boxed{answer}' and EOS, loss on the answer.
 
-    A `noise` share of student-view rows carry a near-miss answer instead, so the
-    warm-started student is often wrong without the context; teacher rows are clean.
+    Teacher-view rows carry the gold answer (the teacher learns to use its context).
+    Student-view rows carry it only `right_share` of the time and the fact's
+    misconception otherwise, so the warm-started student usually answers wrong but
+    samples the right answer sometimes: RL has something to find.
     """
     rows = []
     for ex in examples:
         student, teacher = prompt_texts(tokenizer, ex)
         use_teacher = rng.random() < teacher_share
-        answer = ex.answer
-        if not use_teacher and rng.random() < noise:
-            answer = str(int(ex.answer) + rng.choice([-3, -2, -1, 1, 2, 3]))
+        answer = ex.answer if use_teacher or rng.random() < right_share else misconception(ex)
         p = encode(tokenizer, teacher if use_teacher else student)
         r = encode(tokenizer, f" \\boxed{{{answer}}}") + [tokenizer.eos_token_id]
         rows.append((p + r, [0] * len(p) + [1] * len(r)))
@@ -156,7 +170,7 @@ def warm_start(
     batch_size: int = 64,
     lr: float = 3e-3,
     teacher_share: float = 0.4,
-    noise: float = 0.5,
+    right_share: float = 0.15,
     seed: int = 0,
     progress: bool = True,
 ) -> None:
@@ -167,7 +181,8 @@ def warm_start(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 20) * (1 - k / steps))
     model.train()
     for k in tqdm(range(steps), desc="warm start", disable=not progress):
-        rows = sft_rows(tokenizer, examples[k * batch_size : (k + 1) * batch_size], teacher_share, noise, rng)
+        chunk = examples[k * batch_size : (k + 1) * batch_size]
+        rows = sft_rows(tokenizer, chunk, teacher_share, right_share, rng)
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)  # [b, L] right-padded
         loss_mask = torch.zeros((len(rows), width))  # [b, L]

@@ -1,6 +1,7 @@
 """rollout.py, data.py and tiny_model.py on the tiny offline model."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from rollout import (
     score_tokens,
     view_logprobs,
 )
-from tiny_model import train_tokenizer
+from tiny_model import misconception, sft_rows, train_tokenizer
 
 EXAMPLES = [
     Example("Ann has 12 pens and gets 30 more. How many pens now?", "42"),
@@ -179,7 +180,32 @@ def test_arithmetic_split_is_fixed_and_disjoint():
     for e in train[:50]:
         nums = [int(t) for t in e.question.replace("?", " ").replace(".", " ").split() if t.isdigit()]
         a, b = nums[0], nums[1]
-        assert int(e.answer) in (a + b, a - b, a * b)
+        assert int(e.answer) == a + b and 1 <= a <= 9 and 1 <= b <= 9
+
+
+def test_warm_start_rows_teach_one_misconception_per_fact(tiny):
+    _, tok = tiny
+    examples = arithmetic_split(2000, "train", seed=5)
+    rows = sft_rows(tok, examples, teacher_share=0.4, right_share=0.15, rng=random.Random(0))
+    by_fact, n_student, n_right = {}, 0, 0
+    for ex, (ids, loss_mask) in zip(examples, rows, strict=True):
+        assert len(ids) == len(loss_mask) and ids[-1] == tok.eos_token_id
+        start = loss_mask.index(1)
+        prompt, target = tok.decode(ids[:start]), tok.decode(ids[start:-1]).strip()
+        assert target.startswith("\\boxed{") and target.endswith("}")
+        answer, wrong = target[len("\\boxed{") : -1], misconception(ex)
+        assert 1 <= abs(int(wrong) - int(ex.answer)) <= 2 and int(wrong) >= 0
+        if "correct answer" in prompt:  # teacher view: always the gold answer
+            assert answer == ex.answer
+            continue
+        n_student += 1
+        n_right += answer == ex.answer
+        assert answer in (ex.answer, wrong)
+        a, b = (int(t) for t in ex.question.split() if t.isdigit())
+        by_fact.setdefault((a, b), set()).add(wrong)
+    assert len(by_fact) == 81 and all(len(w) == 1 for w in by_fact.values())  # one per fact
+    assert 0.6 * 2000 * 0.9 < n_student < 0.6 * 2000 * 1.1
+    assert 0.11 < n_right / n_student < 0.19  # binomial sd ~0.01 around 0.15
 
 
 def test_file_examples_formats_and_errors(tmp_path):
