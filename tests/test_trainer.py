@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 import sdpg
 from data import arithmetic_split
 from rollout import rollout, view_logprobs
+from tiny_model import TINY_VERSION
 from verifier import reward
 
 EXAMPLES = arithmetic_split(4, "train", seed=1)
@@ -270,7 +271,7 @@ def test_default_entry_point_smoke(tmp_path):
     assert f"are in {out}" in proc.stdout
     for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
         assert (out / name).stat().st_size > 0
-    assert (tmp_path / "cache" / "tiny-v2-seed0-warm5" / "model.safetensors").exists()
+    assert (tmp_path / "cache" / f"tiny-{TINY_VERSION}-seed0-warm5" / "model.safetensors").exists()
 
 
 def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
