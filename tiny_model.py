@@ -135,11 +135,11 @@ def ensure_tiny_model(
 def misconception(ex: Example) -> str:
     """The warm-started student's fixed wrong answer to a fact: the gold answer off by
     1 or 2, the offset chosen by a hash of the question's numbers (the same for every
-    phrasing of the fact, and the same in every process)."""
+    phrasing of the fact, and the same in every process). Answers are a + b >= 2, so
+    it is never negative."""
     fact = " ".join(re.findall(r"\d+", ex.question) + [ex.answer])
     offset = (-2, -1, 1, 2)[zlib.crc32(fact.encode()) % 4]
-    answer = int(ex.answer)
-    return str(answer + offset if answer + offset >= 0 else answer - offset)
+    return str(int(ex.answer) + offset)
 
 
 def sft_rows(
