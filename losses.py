@@ -33,6 +33,12 @@ DEFAULT_CHUNK = 256
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
 
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """sum(x * mask) / max(1, sum(mask)): the mean over valid tokens, 0 when there are none."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
 def group_advantages(
     rewards: Tensor, group_size: int, eps: float = 1e-6, scale_by_std: bool = True
 ) -> Tensor:
@@ -87,12 +93,10 @@ def clipped_policy_loss(
     ppo = torch.maximum(loss_unclipped, loss_clipped)
     dual = torch.minimum(ppo, -adv * clip_c)  # -A c = c |A| where A < 0
     loss = torch.where(adv < 0, dual, ppo).masked_fill(~valid, 0.0)
-    m = mask.to(loss.dtype)
-    n = m.sum().clamp(min=1.0)
     stats = {
-        "clipfrac": ((loss_clipped > loss_unclipped).to(m.dtype) * m).sum() / n,
-        "clipfrac_lower": (((ppo > -adv * clip_c) & (adv < 0)).to(m.dtype) * m).sum() / n,
-        "ratio": (ratio.detach() * m).sum() / n,
+        "clipfrac": masked_mean((loss_clipped > loss_unclipped).to(loss.dtype), mask),
+        "clipfrac_lower": masked_mean(((ppo > -adv * clip_c) & (adv < 0)).to(loss.dtype), mask),
+        "ratio": masked_mean(ratio.detach(), mask),
     }
     return loss, stats
 
@@ -354,20 +358,18 @@ def sdpg_loss(
     pg, stats = clipped_policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, clip_c)
     per_token = outcome_weight * pg  # [B, T]
     pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
-    m = mask.to(logp.dtype)
-    n = m.sum().clamp(min=1.0)
-    metrics = {"pg_loss": float((pg.detach() * m).sum() / n)}
+    metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
     if kl is not None:
         kl = kl.masked_fill(pad, 0.0)
         adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
         gate = (adv > 0).to(kl.dtype)[:, None] if positive_adv_only else 1.0  # [B, 1]
         per_token = per_token + beta * gate * kl
-        metrics["kl_distill"] = float((kl.detach() * m).sum() / n)
+        metrics["kl_distill"] = float(masked_mean(kl.detach(), mask))
     if ref_logp is not None:
         lp, rlp = logp.masked_fill(pad, 0.0), ref_logp.masked_fill(pad, 0.0)  # [B, T]
         anchor = reference_kl(lp, rlp, kl_mode).masked_fill(pad, 0.0)
         per_token = per_token + alpha * anchor
-        metrics["ref_kl"] = float((anchor.detach() * m).sum() / n)
+        metrics["ref_kl"] = float(masked_mean(anchor.detach(), mask))
     loss = _aggregate(per_token, mask, agg, normalizer)
     metrics.update({k: float(v) for k, v in stats.items()})
     metrics["loss"] = float(loss.detach())

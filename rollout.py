@@ -1,6 +1,6 @@
 """Rollouts: from examples to a batch of sampled responses that the losses can score.
 
-Every example is shown to the model twice:
+Every example is shown to the model twice (data.prompt_texts):
   student view  x       the question and the instruction to answer in \\boxed{}
   teacher view  (c, x)  the same, plus the privileged context c (by default the answer)
 
@@ -24,14 +24,8 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from data import Example
+from data import Example, encode, prompt_texts
 from losses import DEFAULT_CHUNK, chunked_head
-
-INSTRUCTION = "Put the final answer in \\boxed{}."
-DEFAULT_CONTEXT = (
-    "The correct answer to this problem is: {answer}. "
-    "Use this to verify your reasoning, but show your full solution process."
-)
 
 
 @dataclass
@@ -45,7 +39,6 @@ class RolloutBatch:
     response_ids: Tensor  # [B*G, T] sampled tokens, shared by both views
     response_mask: Tensor  # [B*G, T] 1 up to and including the first EOS
     truncated: Tensor  # [B*G] bool: no EOS within max_new_tokens
-    group: Tensor  # [B*G] index of the prompt in the batch
     completions: list[str]  # decoded responses, for the verifier
     answers: list[str]  # gold answer per row
 
@@ -54,22 +47,6 @@ class RolloutBatch:
         return RolloutBatch(
             *(getattr(self, f)[idx] for f in self.__dataclass_fields__)  # type: ignore[misc]
         )
-
-
-def render(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
-    """The tokenizer's chat template when it has one, else plain 'Question/Answer' text."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user_text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {user_text}\nAnswer:"
-
-
-def prompt_texts(tokenizer: PreTrainedTokenizerBase, ex: Example) -> tuple[str, str]:
-    """(student prompt, teacher prompt) for one example."""
-    context = ex.context if ex.context is not None else DEFAULT_CONTEXT.format(answer=ex.answer)
-    student = render(tokenizer, f"{ex.question}\n{INSTRUCTION}")
-    teacher = render(tokenizer, f"{ex.question}\n{context}\n{INSTRUCTION}")
-    return student, teacher
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -82,10 +59,6 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
             ids[i, width - len(s) :] = torch.tensor(list(s))
             mask[i, width - len(s) :] = 1
     return ids, mask
-
-
-def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -175,7 +148,6 @@ def rollout(
         response_ids=responses,
         response_mask=mask,
         truncated=truncated,
-        group=torch.arange(len(examples)).repeat_interleave(G),
         completions=tokenizer.batch_decode(responses * mask + pad * (1 - mask), skip_special_tokens=True),
         answers=[ex.answer for ex in examples for _ in range(G)],
     )
@@ -225,18 +197,20 @@ def score_tokens(
     return tuple(zeros.masked_scatter(m, x) for x in flat)  # type: ignore[return-value]
 
 
-def view_logprobs(
+def student_logprobs(
     model: PreTrainedModel,
     batch: RolloutBatch,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """log pi(y_t) [B*G, T] of the student view, for old or reference log-probs (no grad)."""
+    """log pi(y_t | x, y<t) [B*G, T] of the sampled tokens under the student prompt, no grad:
+    the reference's (adapter off) or pi_old's log-probs."""
     with torch.no_grad():
         h = response_hidden(
             model, batch.student_ids, batch.student_mask, batch.response_ids, batch.response_mask
-        )
+        )  # [B*G, T, H]
         head = model.get_output_embeddings()
-        return score_tokens(head, h, batch.response_ids, batch.response_mask, None, temperature, chunk_size)[
-            0
-        ]
+        logp, _, _ = score_tokens(
+            head, h, batch.response_ids, batch.response_mask, None, temperature, chunk_size
+        )
+        return logp  # [B*G, T]

@@ -23,8 +23,15 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from data import Example, arithmetic_example, arithmetic_split
-from rollout import DEFAULT_CONTEXT, INSTRUCTION, encode, prompt_texts
+from data import (
+    DEFAULT_CONTEXT,
+    INSTRUCTION,
+    Example,
+    arithmetic_example,
+    arithmetic_split,
+    encode,
+    prompt_texts,
+)
 
 EOS = "<|endoftext|>"
 TINY_VERSION = "v3"  # bump when the recipe changes, so caches rebuild

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
+from errors import UsageError
+
 MAX_BOX = 1000  # longest \boxed{...} content we look at
 MAX_TRIES = 20  # how many \boxed occurrences, from the end, may be unbalanced before giving up
 MAX_DIGITS = 100  # longer numbers compare digit-for-digit as strings
@@ -205,7 +207,7 @@ def make_reward_fn(name: str = "rule", last_number_fallback: bool = True) -> Cal
         try:
             import math_verify
         except ImportError as e:
-            raise RuntimeError(
+            raise UsageError(
                 "--verifier math-verify needs the math-verify package: pip install math-verify"
             ) from e
 

@@ -28,8 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import sdpg  # noqa: E402
 from data import arithmetic_split  # noqa: E402
+from policy import Optimizer, load_policy, load_tokenizer  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
 QWEN25_05B = dict(
@@ -60,8 +62,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         build_tiny_model(folder, **(SMALL if a.small else QWEN25_05B))
-        args = sdpg.resolve_defaults(
-            sdpg.build_parser().parse_args(
+        args = cli.resolve(
+            cli.build_parser().parse_args(
                 [
                     "--model",
                     str(folder),
@@ -87,9 +89,9 @@ def main() -> None:
                 ]
             )
         )
-        path, tokenizer = sdpg.load_tokenizer(args)
-        model, reference = sdpg.load_model(args, path)
-    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
+        policy = load_policy(args, *load_tokenizer(args))
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    cfg = cli.config(args)
     examples = arithmetic_split(args.steps * args.batch_prompts, "train")
     rows = []
     for step in range(args.steps):
@@ -97,9 +99,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         batch = examples[step * args.batch_prompts : (step + 1) * args.batch_prompts]
         t0 = time.perf_counter()
-        metrics = sdpg.train_step(
-            model, reference, optimizer, tokenizer, batch, step, args, lambda c, g: 0.0
-        )[0]
+        metrics = sdpg.sdpg_step(policy, optimizer, batch, step, cfg, lambda c, g: 0.0)[0]
         metrics["wall_s"] = time.perf_counter() - t0
         metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else metrics["peak_mem_gb"]
         rows.append(metrics)

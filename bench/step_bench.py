@@ -52,11 +52,13 @@ def prompts(n: int):
 
 
 def ours(algo: str, a) -> list[float]:
+    import cli
     import sdpg
+    from policy import Optimizer, load_policy, load_tokenizer
     from verifier import reward
 
-    args = sdpg.resolve_defaults(
-        sdpg.build_parser().parse_args(
+    args = cli.resolve(
+        cli.build_parser().parse_args(
             [
                 "--model",
                 a.model,
@@ -90,14 +92,15 @@ def ours(algo: str, a) -> list[float]:
             + (["--beta", "0.04"] if algo == "sdpg" else [])
         )
     )
-    model, tokenizer, reference = sdpg.load_policy(args)
-    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
+    policy = load_policy(args, *load_tokenizer(args))
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     examples = prompts(args.steps * args.batch_prompts)
+    cfg = cli.config(args)
     times = []
     for step in range(args.steps):
         batch = examples[step * args.batch_prompts : (step + 1) * args.batch_prompts]
         t0 = time.perf_counter()
-        m = sdpg.train_step(model, reference, optimizer, tokenizer, batch, step, args, reward)[0]
+        m = sdpg.sdpg_step(policy, optimizer, batch, step, cfg, reward)[0]
         times.append((time.perf_counter() - t0, m["generate_s"]))
     return times
 
@@ -109,7 +112,7 @@ def trl_run(kind: str, a) -> list[float]:
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
-    from rollout import DEFAULT_CONTEXT, prompt_texts
+    from data import DEFAULT_CONTEXT, prompt_texts
     from verifier import reward
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)

@@ -1,4 +1,8 @@
-"""Shared fixtures: one tiny offline Qwen2 model folder per test session."""
+"""Shared fixtures and the small run every training test starts from.
+
+One tiny offline Qwen2 model folder is built per test session; `small_run` and
+`load_small_policy` give the flags and the policy of a run that takes a second a step.
+"""
 
 import os
 
@@ -8,7 +12,40 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+import cli  # noqa: E402
+from policy import load_policy, load_tokenizer  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
+
+# B = 2 prompts x G = 4 samples x at most 6 tokens, 4 held-out prompts, no evals between.
+SMALL_RUN = [
+    "--data",
+    "arithmetic",
+    "--num-generations",
+    "4",
+    "--batch-prompts",
+    "2",
+    "--max-new-tokens",
+    "6",
+    "--lr",
+    "1e-2",
+    "--eval-size",
+    "4",
+    "--eval-samples",
+    "2",
+    "--eval-every",
+    "0",
+]
+
+
+def small_args(model_path, *extra):
+    """Resolved flags of a small run on `model_path`, with `extra` flags on top."""
+    argv = ["--model", str(model_path), *SMALL_RUN, *[str(x) for x in extra]]
+    return cli.resolve(cli.build_parser().parse_args(argv))
+
+
+def load_small_policy(args):
+    path, tokenizer = load_tokenizer(args)
+    return load_policy(args, path, tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -11,24 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_RUN, load_small_policy, small_args
 
 import sdpg
-from checkpoint import latest_checkpoint
+from data import step_examples
+from policy import Optimizer
+from run_folder import latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = [
-    "--data",
-    "arithmetic",
-    "--num-generations",
-    "4",
-    "--batch-prompts",
-    "2",
-    "--max-new-tokens",
-    "6",
-    "--micro-batch",
-    "8",
-]
-RUN += ["--lr", "1e-2", "--eval-size", "4", "--eval-samples", "2", "--eval-every", "0", "--beta", "0.1"]
+RUN = [*SMALL_RUN, "--micro-batch", "8", "--beta", "0.1"]
 
 
 def cli(*argv, env=None, timeout=300):
@@ -180,13 +171,12 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_path, tmp_path, monkeypatch
 
 
 def test_one_skipped_step_leaves_weights_unchanged(tiny_path):
-    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", str(tiny_path), *RUN]))
-    model, _, _ = sdpg.load_policy(args)
-    opt = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    policy = load_small_policy(small_args(tiny_path, "--micro-batch", "8"))
+    opt = Optimizer(policy.model.parameters(), 1e-2, 0.0)
     before = [p.detach().clone() for p in opt.params]
     for p in opt.params:
         p.grad = torch.full_like(p, float("inf"))
-    assert opt.finish(1.0)["skipped_step"] == 1.0
+    assert opt.clip_and_step(1.0)["skipped_step"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, opt.params, strict=True))
 
 
@@ -201,8 +191,28 @@ def one_line_error(r) -> str:
 
 
 def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
-    line = one_line_error(cli("--model", "Qwen2.5-0.5B", "--output-dir", tmp_path / "o", timeout=120))
+    argv = ("--model", "Qwen2.5-0.5B", "--data", "arithmetic", "--output-dir", tmp_path / "o")
+    line = one_line_error(cli(*argv, timeout=120))
     assert "could not load model 'Qwen2.5-0.5B' (Qwen/Qwen2.5-0.5B)" in line and "--model" in line
+    line = one_line_error(cli("--model", "Qwen2.5-0.5B", "--output-dir", tmp_path / "o", timeout=120))
+    assert "could not load openai/gsm8k" in line  # the data is checked first
+
+
+def test_bad_data_fails_before_any_model_work(tmp_path):
+    """A first run with a missing data file does not build the tiny model first."""
+    t0 = time.time()
+    line = one_line_error(
+        cli(
+            "--data",
+            tmp_path / "missing.jsonl",
+            "--cache-dir",
+            tmp_path / "cache",
+            "--output-dir",
+            tmp_path / "o",
+        )
+    )
+    assert "dataset file not found" in line and time.time() - t0 < 30
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
@@ -307,34 +317,28 @@ def test_long_prompts_are_dropped_and_counted(tiny_path, tmp_path, capsys):
 
 def test_batches_follow_the_step(tiny_path):
     train = [str(i) for i in range(10)]
-    seen = [x for step in range(5) for x in sdpg.batch_examples(train, step, 4, seed=1)]
+    seen = [x for step in range(5) for x in step_examples(train, step, 4, seed=1)]
     assert sorted(seen[:10]) == train and sorted(seen[10:20]) == train  # every epoch is a permutation
-    assert sdpg.batch_examples(train, 3, 4, seed=1) == seen[12:16]  # step k: always the same prompts
+    assert step_examples(train, 3, 4, seed=1) == seen[12:16]  # step k: always the same prompts
     assert seen[:10] != seen[10:20]  # reshuffled per epoch
 
 
 @pytest.mark.parametrize("full", [False, True], ids=["lora", "full-finetune"])
 def test_checkpoint_round_trip(tiny_path, tmp_path, full):
-    from checkpoint import load_checkpoint, save_checkpoint
-
-    args = sdpg.resolve_defaults(
-        sdpg.build_parser().parse_args(
-            ["--model", str(tiny_path), *RUN, *(["--full-finetune"] if full else [])]
-        )
-    )
-    model, _, _ = sdpg.load_policy(args)
-    opt = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    args = small_args(tiny_path, "--micro-batch", "8", *(["--full-finetune"] if full else []))
+    model = load_small_policy(args).model
+    opt = Optimizer(model.parameters(), 1e-2, 0.0)
     for p in opt.params:
         p.grad = torch.ones_like(p)
-    opt.finish(1.0)  # one real step: AdamW now has state
+    opt.clip_and_step(1.0)  # one real step: AdamW now has state
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 7, model, opt, args, keep=2)
+    path = save_checkpoint(tmp_path, 7, model, opt, vars(args), keep=2)
     expected_draw = torch.rand(3)
     with torch.no_grad():
         for p in opt.params:
             p.add_(1.0)
-    opt2 = sdpg.Optimizer(model.parameters(), 1e-2, 0.0)
+    opt2 = Optimizer(model.parameters(), 1e-2, 0.0)
     assert load_checkpoint(path, model, opt2) == 7
     for n, p in model.named_parameters():
         if p.requires_grad:

@@ -8,17 +8,23 @@ import torch
 from transformers import AutoTokenizer
 
 import data
-from data import DataError, Example, arithmetic_split, file_examples, split_teacher_context
-from rollout import (
+from data import (
     DEFAULT_CONTEXT,
+    Example,
+    arithmetic_split,
+    file_examples,
+    prompt_texts,
+    split_teacher_context,
+)
+from errors import UsageError
+from rollout import (
     eos_ids,
     left_pad,
-    prompt_texts,
     response_hidden,
     response_mask,
     rollout,
     score_tokens,
-    view_logprobs,
+    student_logprobs,
 )
 from tiny_model import misconception, sft_rows, train_tokenizer
 
@@ -82,7 +88,6 @@ def test_rollout_batch_shapes_and_shared_response(tiny):
     b = rollout(model, tok, EXAMPLES, group_size=3, max_new_tokens=6, temperature=1.0, seed=1)
     n = len(EXAMPLES) * 3
     assert b.student_ids.shape[0] == b.teacher_ids.shape[0] == b.response_ids.shape[0] == n
-    assert b.group.tolist() == [0, 0, 0, 1, 1, 1]
     assert b.answers == ["42"] * 3 + ["33"] * 3
     assert b.response_ids.shape[1] <= 6 and len(b.completions) == n
     # each row's prompts are that example's, in both views
@@ -146,7 +151,7 @@ def test_left_padding_invariance(tiny):
     model, tok = tiny
     short = Example("Eli has 5 pens. How many?", "5")
     b = rollout(model, tok, [*EXAMPLES, short], 2, 6, seed=5)
-    together = view_logprobs(model, b, temperature=1.0)
+    together = student_logprobs(model, b, temperature=1.0)
     # row 4 is the short example, left-padded in the batch: rescore it alone, unpadded
     row = 4
     keep = b.student_mask[row].bool()
@@ -156,7 +161,7 @@ def test_left_padding_invariance(tiny):
         b.student_mask[row : row + 1, keep],
     )
     assert alone.student_ids.shape[1] < b.student_ids.shape[1]  # it really was padded
-    torch.testing.assert_close(view_logprobs(model, alone, 1.0)[0], together[row], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student_logprobs(model, alone, 1.0)[0], together[row], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- data and the tiny model
@@ -227,16 +232,16 @@ def test_file_examples_formats_and_errors(tmp_path):
     assert file_examples(csv)[0].answer == "7"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "solution": "y"}))
-    with pytest.raises(DataError, match="needs columns 'question' and 'answer'.*found prompt, solution"):
+    with pytest.raises(UsageError, match="needs columns 'question' and 'answer'.*found prompt, solution"):
         file_examples(bad)
-    with pytest.raises(DataError, match="not found"):
+    with pytest.raises(UsageError, match="not found"):
         file_examples(tmp_path / "missing.jsonl")
     (tmp_path / "d.txt").write_text("question,answer\n")
-    with pytest.raises(DataError, match="unsupported dataset file type"):
+    with pytest.raises(UsageError, match="unsupported dataset file type"):
         file_examples(tmp_path / "d.txt")
     garbage = tmp_path / "g.parquet"
     garbage.write_bytes(b"not parquet")
-    with pytest.raises(DataError, match="could not read"):
+    with pytest.raises(UsageError, match="could not read"):
         file_examples(garbage)
     assert split_teacher_context("q [TEACHER_CONTEXT_TOKEN] ") == ("q", None)
 

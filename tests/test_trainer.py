@@ -1,4 +1,4 @@
-"""sdpg.py: the training loop on the tiny offline model, against independent references."""
+"""sdpg.py: the training step on the tiny offline model, against independent references."""
 
 import os
 import subprocess
@@ -7,12 +7,15 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import load_small_policy, small_args
 from transformers import AutoModelForCausalLM
 
+import cli
 import sdpg
 from data import arithmetic_split
-from rollout import rollout, view_logprobs
-from tiny_model import TINY_VERSION
+from policy import Optimizer, resolve_model_path
+from rollout import rollout, student_logprobs
+from tiny_model import TINY_VERSION, WARM_START_STEPS
 from verifier import reward
 
 EXAMPLES = arithmetic_split(4, "train", seed=1)
@@ -24,18 +27,7 @@ def varied_reward(completion: str, gold: str) -> float:
 
 
 def make_args(tiny_path, *extra: str):
-    argv = [
-        "--model",
-        str(tiny_path),
-        "--num-generations",
-        "4",
-        "--batch-prompts",
-        "2",
-        "--max-new-tokens",
-        "6",
-    ]
-    argv += ["--micro-batch", "3", "--lr", "1e-2", "--steps", "2", "--eval-size", "4", "--eval-samples", "2"]
-    return sdpg.resolve_defaults(sdpg.build_parser().parse_args([*argv, *extra]))
+    return small_args(tiny_path, "--micro-batch", "3", "--steps", "2", *extra)
 
 
 def split_params(model):
@@ -45,14 +37,14 @@ def split_params(model):
 
 
 def run_steps(args, n=2, reward_fn=varied_reward):
-    model, tok, reference = sdpg.load_policy(args)
-    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
-    before = split_params(model)
+    policy = load_small_policy(args)
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    before = split_params(policy.model)
     metrics = []
     for step in range(n):
         examples = EXAMPLES[2 * step : 2 * step + 2]
-        metrics.append(sdpg.train_step(model, reference, optimizer, tok, examples, step, args, reward_fn)[0])
-    return model, tok, before, metrics
+        metrics.append(sdpg.sdpg_step(policy, optimizer, examples, step, cli.config(args), reward_fn)[0])
+    return policy.model, policy.tokenizer, before, metrics
 
 
 @pytest.mark.parametrize("algo", ["sdpg", "grpo", "opd"])
@@ -70,9 +62,9 @@ def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
     base_model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     batch = rollout(base_model, tok, EXAMPLES[:2], 2, 6, seed=0)
     with model.disable_adapter():
-        ref = view_logprobs(model, batch, 1.0)
-    torch.testing.assert_close(ref, view_logprobs(base_model, batch, 1.0), rtol=0, atol=1e-6)
-    assert not torch.allclose(view_logprobs(model, batch, 1.0), ref)  # the adapter did learn
+        ref = student_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(ref, student_logprobs(base_model, batch, 1.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(student_logprobs(model, batch, 1.0), ref)  # the adapter did learn
 
 
 def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live"):
@@ -113,7 +105,8 @@ def grads_of(model):
 def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha, teacher):
     beta_flags = ["--beta", str(beta)] if beta else []
     args = make_args(tiny_path, "--algo", algo, "--alpha", str(alpha), "--teacher", teacher, *beta_flags)
-    model, tok, _ = sdpg.load_policy(args)
+    policy = load_small_policy(args)
+    model, tok = policy.model, policy.tokenizer
     with torch.no_grad():  # a non-zero adapter, so the teacher and reference differ from the student
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -121,9 +114,10 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 1.2, -1.1, 0.9])
     with model.disable_adapter():
-        ref_logp = view_logprobs(model, batch, 1.0)
+        ref_logp = student_logprobs(model, batch, 1.0)
     model.zero_grad()
-    metrics = sdpg.accumulate_gradients(model, batch, adv, ref_logp if alpha else None, None, args, beta)
+    ref = ref_logp if alpha else None
+    metrics = sdpg.backward_batch(policy, batch, adv, ref, None, cli.config(args), beta, {})
     ours = grads_of(model)
     model.zero_grad()
     outcome = 0.0 if algo == "opd" else 1.0
@@ -138,8 +132,8 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
 
 def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
     args = make_args(tiny_path, "--beta", "0.5", "--alpha", "0")
-    model, tok, _ = sdpg.load_policy(args)
-    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
+    policy = load_small_policy(args)
+    batch = rollout(policy.model, policy.tokenizer, EXAMPLES[:2], 4, 6, seed=3)
     seen = []
     real = sdpg.response_hidden
 
@@ -154,7 +148,7 @@ def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
         return h
 
     monkeypatch.setattr(sdpg, "response_hidden", spy)
-    sdpg.accumulate_gradients(model, batch, torch.ones(8), None, None, args, 0.5)
+    sdpg.backward_batch(policy, batch, torch.ones(8), None, None, cli.config(args), 0.5, {})
     teacher = [g for is_teacher, g in seen if is_teacher]
     student = [g for is_teacher, g in seen if not is_teacher]
     assert teacher and not any(teacher) and student and all(student)
@@ -162,20 +156,21 @@ def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
 
 def test_gradient_accumulation_is_micro_batch_invariant(tiny_path):
     args = make_args(tiny_path, "--alpha", "0.1")
-    model, tok, _ = sdpg.load_policy(args)
+    policy = load_small_policy(args)
+    model, tok = policy.model, policy.tokenizer
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=11)
     with model.disable_adapter():
-        ref_logp = view_logprobs(model, batch, 1.0)
+        ref_logp = student_logprobs(model, batch, 1.0)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
     grads = []
     for micro in (8, 1, 3):
-        args.micro_batch = micro
+        cfg = cli.config(make_args(tiny_path, "--alpha", "0.1", "--micro-batch", str(micro)))
         model.zero_grad()
-        sdpg.accumulate_gradients(model, batch, adv, ref_logp, None, args, args.beta)
+        sdpg.backward_batch(policy, batch, adv, ref_logp, None, cfg, cfg.beta, {})
         grads.append(grads_of(model))
     for other in grads[1:]:
         for n in grads[0]:
@@ -200,12 +195,12 @@ def test_help_lists_every_flag_with_its_default():
         [sys.executable, "sdpg.py", "--help"], capture_output=True, text=True, check=True, env=env
     )
     flat = " ".join(out.stdout.split())
-    for action in sdpg.build_parser()._actions:
+    for action in cli.build_parser()._actions:
         if action.dest == "help":
             continue
         assert action.option_strings[0] in flat
-        if action.dest in sdpg.PRESETS["tiny"]:
-            tiny, hub = sdpg.PRESETS["tiny"][action.dest], sdpg.PRESETS["hub"][action.dest]
+        if action.dest in cli.PRESETS["tiny"]:
+            tiny, hub = cli.PRESETS["tiny"][action.dest], cli.PRESETS["hub"][action.dest]
             assert f"(default: {tiny} with --model tiny, else {hub})" in flat, action.dest
         elif action.default is None:
             assert "(default: " in action.help, action.dest
@@ -227,17 +222,20 @@ def test_print_verl_overrides():
 
 
 def test_resolve_defaults_and_short_names():
-    assert sdpg.resolve_model_path("Qwen2.5-0.5B", None) == "Qwen/Qwen2.5-0.5B"
-    assert sdpg.resolve_model_path("Qwen2.5-0.5B-Instruct", None) == "Qwen/Qwen2.5-0.5B-Instruct"
-    assert sdpg.resolve_model_path("meta-llama/x", None) == "meta-llama/x"
-    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", "Qwen2.5-0.5B"]))
+    assert resolve_model_path("Qwen2.5-0.5B", None, WARM_START_STEPS) == "Qwen/Qwen2.5-0.5B"
+    assert resolve_model_path("Qwen2.5-0.5B-Instruct", None, WARM_START_STEPS) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert resolve_model_path("meta-llama/x", None, WARM_START_STEPS) == "meta-llama/x"
+
+    def resolved(*argv):
+        return cli.resolve(cli.build_parser().parse_args(list(argv)))
+
+    args = resolved("--model", "Qwen2.5-0.5B")
     assert (args.data, args.lr, args.beta, args.alpha, args.kl_mode) == ("gsm8k", 1e-5, 1e-3, 1e-3, "urkl")
-    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--model", "x", "--full-finetune"]))
-    assert args.lr == sdpg.FULL_FINETUNE_LR
-    args = sdpg.resolve_defaults(sdpg.build_parser().parse_args(["--algo", "grpo"]))
+    assert resolved("--model", "x", "--full-finetune").lr == cli.FULL_FINETUNE_LR
+    args = resolved("--algo", "grpo")
     assert args.beta == 0.0 and args.alpha == 0.0
     assert args.last_number_fallback is True
-    assert sdpg.build_parser().parse_args(["--no-last-number-fallback"]).last_number_fallback is False
+    assert cli.build_parser().parse_args(["--no-last-number-fallback"]).last_number_fallback is False
 
 
 def test_reward_is_the_verifier():
@@ -276,15 +274,15 @@ def test_default_entry_point_smoke(tmp_path):
 
 def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
     args = make_args(tiny_path, "--full-finetune", "--lr", "1e-3", "--alpha", "0.05")
-    model, tok, reference = sdpg.load_policy(args)
+    policy = load_small_policy(args)
+    model, reference = policy.model, policy.frozen_reference
     assert reference is not None and not any(p.requires_grad for p in reference.parameters())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ref_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
-    optimizer = sdpg.Optimizer(model.parameters(), args.lr, args.weight_decay)
+    optimizer = Optimizer(model.parameters(), args.lr, args.weight_decay)
     for step in range(2):
-        m = sdpg.train_step(
-            model, reference, optimizer, tok, EXAMPLES[2 * step : 2 * step + 2], step, args, varied_reward
-        )[0]
+        examples = EXAMPLES[2 * step : 2 * step + 2]
+        m = sdpg.sdpg_step(policy, optimizer, examples, step, cli.config(args), varied_reward)[0]
         assert m["skipped_step"] == 0.0 and m["ref_kl"] >= 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(torch.equal(ref_before[n], p) for n, p in reference.named_parameters())

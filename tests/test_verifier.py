@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from errors import UsageError
 from verifier import extract_answer, make_reward_fn, normalize, reward, to_number, verify
 
 # (completion, expected extracted answer, expected method)
@@ -127,7 +128,7 @@ def test_reward_fn_backends():
     try:
         import math_verify  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pip install math-verify"):
+        with pytest.raises(UsageError, match="pip install math-verify"):
             make_reward_fn("math-verify")
 
 

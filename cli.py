@@ -1,0 +1,356 @@
+"""The command line: flags grouped under headings, per-model presets, checks, the typed
+config the training step reads, and the equivalent verl overrides.
+
+Every check that needs no model runs here, so bad flags end in one line (exit 2) within
+a second. Defaults that depend on the model (`PRESETS`) are None in argparse and filled
+in by `resolve`, which is how a flag the user gave is told apart from a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from errors import UsageError
+from losses import AGG_MODES, DEFAULT_CHUNK, KL_MODES
+from policy import check_four_bit
+from tiny_model import WARM_START_STEPS
+
+ALGOS = ("sdpg", "grpo", "opd")
+# Defaults that depend on the model: the tiny demo learns fast with a large lr and short
+# answers; a real model follows the paper's recipe scaled to one GPU with LoRA.
+PRESETS = {
+    "tiny": dict(
+        data="arithmetic",
+        lr=1e-3,
+        steps=250,
+        batch_prompts=16,
+        micro_batch=64,
+        num_generations=8,
+        max_new_tokens=8,
+        max_prompt_length=256,
+        eval_every=50,
+        eval_size=200,
+        eval_samples=4,
+        lora_r=16,
+        lora_alpha=32,
+        beta=0.1,
+        alpha=1e-3,
+    ),
+    "hub": dict(
+        data="gsm8k",
+        lr=1e-5,
+        steps=200,
+        batch_prompts=8,
+        micro_batch=4,
+        num_generations=8,
+        max_new_tokens=512,
+        max_prompt_length=512,
+        eval_every=50,
+        eval_size=200,
+        eval_samples=4,
+        lora_r=32,
+        lora_alpha=64,
+        beta=1e-3,
+        alpha=1e-3,
+    ),
+}
+FULL_FINETUNE_LR = 1e-6  # the paper's lr; LoRA wants a larger one (the hub preset's 1e-5)
+POSITIVE_INTS = (
+    "steps",
+    "batch_prompts",
+    "micro_batch",
+    "max_new_tokens",
+    "max_prompt_length",
+    "ppo_epochs",
+    "eval_size",
+    "eval_samples",
+    "kl_chunk_size",
+    "lora_r",
+    "keep_checkpoints",
+    "max_bad_steps",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the training step, the evaluation and the loop read (built by `config`)."""
+
+    # the objective
+    algo: str
+    beta: float
+    alpha: float
+    kl_mode: str
+    beta_warmup_steps: int
+    beta_decay_steps: int
+    positive_adv_only: bool
+    teacher: str
+    eps_low: float
+    eps_high: float
+    clip_c: float
+    loss_agg: str
+    # sampling
+    num_generations: int
+    max_new_tokens: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    # optimisation
+    steps: int
+    batch_prompts: int
+    ppo_epochs: int
+    micro_batch: int
+    kl_chunk_size: int
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    # evaluation and saving
+    eval_every: int
+    eval_samples: int
+    save_every: int
+    keep_checkpoints: int
+    max_bad_steps: int
+
+
+def config(args: argparse.Namespace) -> Config:
+    """The typed config from resolved flags."""
+    return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (exit code 2), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in --help; a model-dependent one shows both presets."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.dest in PRESETS["tiny"]:
+            tiny, hub = PRESETS["tiny"][action.dest], PRESETS["hub"][action.dest]
+            return f"{action.help} (default: {tiny} with --model tiny, else {hub})".lstrip()
+        if action.default is None:
+            return action.help or ""  # says its own default
+        return super()._get_help_string(action)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = Parser(description=description, formatter_class=HelpFormatter)
+    g = p.add_argument_group("model and data").add_argument
+    g(
+        "--model",
+        default="tiny",
+        help="'tiny' (built offline), a local folder, a hub id, or a Qwen2.5 short name like Qwen2.5-0.5B",
+    )
+    g("--data", default=None, help="'arithmetic', 'gsm8k', or a .jsonl/.parquet/.csv file")
+    g("--gsm8k-solution-context", action="store_true", help="GSM8K: the teacher sees the worked solution")
+    g("--eval-data", default=None, help="held-out file (default: the task's test split)")
+    g("--max-prompt-length", type=int, default=None, help="longer prompts are dropped, with a count")
+    g("--verifier", choices=("rule", "math-verify"), default="rule", help="reward backend")
+    g(
+        "--last-number-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rule verifier: without \\boxed, '####' or 'answer is', use the last number (off for MATH)",
+    )
+    g(
+        "--cache-dir",
+        default=None,
+        help="where the tiny model is built (default: $SDPG_CACHE or ~/.cache/sdpg)",
+    )
+    g(
+        "--tiny-warm-start-steps",
+        type=int,
+        default=WARM_START_STEPS,
+        help="supervised steps that warm-start --model tiny",
+    )
+
+    o = p.add_argument_group("the objective").add_argument
+    o("--algo", choices=ALGOS, default="sdpg", help="sdpg; grpo (beta = 0); opd (no outcome term)")
+    o("--beta", type=float, default=None, help="distillation weight beta")
+    o("--alpha", type=float, default=None, help="reference anchor weight alpha (grpo: 0)")
+    o("--kl-mode", choices=KL_MODES, default="urkl", help="anchor f(log w)")
+    o("--beta-warmup-steps", type=int, default=0, help="linear beta warm-up length (0: off)")
+    o("--beta-decay-steps", type=int, default=0, help="linear beta decay to 0 over the last steps (0: off)")
+    o("--positive-adv-only", action="store_true", help="distil only responses with A > 0")
+    o(
+        "--teacher",
+        choices=("live", "initial"),
+        default="live",
+        help="who reads the context: live = current policy (the paper), initial = reference (ablation)",
+    )
+    o("--eps-low", type=float, default=0.2, help="PPO clip below 1")
+    o("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
+    o("--clip-c", type=float, default=10.0, help="dual-clip bound for A < 0")
+    o("--loss-agg", choices=AGG_MODES, default="token-mean", help="how per-token losses are averaged")
+
+    s = p.add_argument_group("sampling").add_argument
+    s("--num-generations", type=int, default=None, help="G, responses per prompt")
+    s("--max-new-tokens", type=int, default=None, help="response length cap, in tokens")
+    s("--min-new-tokens", type=int, default=0, help="force at least this many tokens (benchmarks)")
+    s("--temperature", type=float, default=1.0, help="sampling temperature, also applied to log-probs")
+    s("--top-p", type=float, default=1.0, help="nucleus sampling")
+
+    t = p.add_argument_group("optimisation").add_argument
+    t("--steps", type=int, default=None, help="training steps, one rollout each")
+    t("--batch-prompts", type=int, default=None, help="B, prompts per step")
+    t("--ppo-epochs", type=int, default=1, help="optimizer steps per rollout (>1 uses old log-probs)")
+    t("--micro-batch", type=int, default=None, help="rows per forward/backward")
+    t("--kl-chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per chunk of the full-vocab KL")
+    t("--lr", type=float, default=None, help=f"AdamW lr; --full-finetune: {FULL_FINETUNE_LR}")
+    t("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    t("--seed", type=int, default=0, help="seeds sampling, data order and init")
+    t("--lora-r", type=int, default=None, help="LoRA rank")
+    t("--lora-alpha", type=int, default=None, help="LoRA scaling alpha")
+    t("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    t("--lora-target-modules", default="all-linear", help="comma-separated names, or all-linear")
+    t("--full-finetune", action="store_true", help="no LoRA; the reference is then a second, frozen copy")
+    t(
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NF4 base (default: on with CUDA)",
+    )
+    t(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute activations in backward (default: on with CUDA)",
+    )
+
+    e = p.add_argument_group("evaluation, output and resuming").add_argument
+    e("--eval-every", type=int, default=None, help="steps between held-out evals (0: only before and after)")
+    e("--eval-size", type=int, default=None, help="held-out prompts per eval")
+    e("--eval-samples", type=int, default=None, help="k of mean@k at the training temperature")
+    e(
+        "--output-dir",
+        default=None,
+        help="metrics, samples, curves, checkpoints and the adapter go here "
+        "(default: runs/<algo>-<date>-<time>)",
+    )
+    e("--save-every", type=int, default=50, help="checkpoint every N steps (0: only at the end)")
+    e("--keep-checkpoints", type=int, default=2, help="how many of the newest checkpoints to keep")
+    e(
+        "--resume",
+        nargs="?",
+        const="yes",
+        choices=("no", "auto", "yes"),
+        default="no",
+        help="continue from the output folder's newest checkpoint; auto: if there is one",
+    )
+    e("--overwrite-output-dir", action="store_true", help="replace a run already in --output-dir")
+    e("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    e("--print-verl-overrides", action="store_true", help="print the equivalent verl overrides and exit")
+    e("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+# ---------------------------------------------------------------- defaults and checks
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill model-dependent defaults and check every flag; UsageError on bad input."""
+    if args.output_dir is None:
+        args.output_dir = f"runs/{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
+    preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.full_finetune and args.lr == PRESETS["hub"]["lr"]:
+        args.lr = FULL_FINETUNE_LR
+    if args.algo == "grpo":
+        if args.beta not in (None, 0.0, preset["beta"]):
+            raise UsageError("--algo grpo has no distillation term: drop --beta or use --algo sdpg")
+        args.beta = 0.0
+        args.alpha = 0.0 if args.alpha == preset["alpha"] else args.alpha
+    check(args)
+    return args
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every check that needs no model; UsageError with one line that says what to change."""
+    for name in POSITIVE_INTS:
+        if getattr(args, name) < 1:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
+            )
+    if args.teacher == "initial" and args.full_finetune:
+        raise UsageError(
+            "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
+            "changes: use LoRA (drop --full-finetune) or --teacher live"
+        )
+    if args.num_generations < 2:
+        raise UsageError(
+            f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
+        )
+    if (
+        args.eval_every < 0
+        or args.save_every < 0
+        or args.tiny_warm_start_steps < 0
+        or args.temperature <= 0
+        or not 0 < args.top_p <= 1
+        or args.lr <= 0
+    ):
+        raise UsageError(
+            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --temperature > 0, "
+            "0 < --top-p <= 1 and --lr > 0"
+        )
+    check_four_bit(args.load_in_4bit)
+    check_model_name(args.model)
+
+
+def check_model_name(name: str) -> None:
+    """A local path that does not exist is bad input; a hub id is only checked on loading."""
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if local and not Path(name).expanduser().exists():
+        raise UsageError(
+            f"--model {name}: no such file or folder. Point --model at a folder that holds config.json "
+            "and the weights, or use --model tiny."
+        )
+
+
+# ---------------------------------------------------------------- verl
+
+
+def verl_overrides(args: argparse.Namespace) -> list[str]:
+    """The authors' verl recipe keys for the same run (see README); UsageError for a run
+    that recipe cannot express."""
+    if args.algo == "opd" or args.teacher != "live":
+        raise UsageError(
+            "the verl recipe has no key for --algo opd or --teacher initial: "
+            "print overrides for --algo sdpg or grpo with the live teacher"
+        )
+    pl = "actor_rollout_ref.actor.policy_loss"
+    actor = "actor_rollout_ref.actor"
+    return [
+        "algorithm.adv_estimator=grpo",
+        f"{pl}.loss_mode={'vanilla' if args.algo == 'grpo' else 'sdpg'}",
+        f"{pl}.beta={args.beta}",
+        f"{pl}.alpha={args.alpha}",
+        f"{pl}.kl_mode={args.kl_mode}",
+        f"{pl}.beta_warmup_steps={args.beta_warmup_steps}",
+        f"{pl}.beta_decay_steps={args.beta_decay_steps}",
+        f"{pl}.beta_distill_positive_advantage_only={str(args.positive_adv_only).lower()}",
+        f"{actor}.clip_ratio_low={args.eps_low}",
+        f"{actor}.clip_ratio_high={args.eps_high}",
+        f"{actor}.clip_ratio_c={args.clip_c}",
+        f"{actor}.loss_agg_mode={args.loss_agg}",
+        f"{actor}.optim.lr={args.lr}",
+        f"{actor}.ppo_mini_batch_size={args.batch_prompts}",
+        f"actor_rollout_ref.rollout.n={args.num_generations}",
+        f"actor_rollout_ref.rollout.temperature={args.temperature}",
+        f"actor_rollout_ref.rollout.top_p={args.top_p}",
+        f"data.max_prompt_length={args.max_prompt_length}",
+        f"data.max_response_length={args.max_new_tokens}",
+        f"data.train_batch_size={args.batch_prompts}",
+        f"trainer.total_training_steps={args.steps}",
+    ]

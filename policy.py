@@ -1,0 +1,201 @@
+"""The policy: loading the model, its three roles, and the optimizer that updates it.
+
+SDPG needs one model in three roles, and this module hands out each:
+  student    the model with its LoRA adapter on (what trains)
+  teacher    the same weights reading the privileged context (`teacher_role`)
+  reference  the adapter switched off (`reference_role`); with --full-finetune the only
+             frozen copy of the model that exists
+
+Loading covers the tiny offline model, a local folder and a hub id, in float32 on a
+CPU or bf16 on a GPU, optionally with a 4-bit NF4 base (bitsandbytes), LoRA on every
+linear layer by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from errors import UsageError
+from tiny_model import ensure_tiny_model
+
+
+@dataclass
+class Policy:
+    """The model being trained, its tokenizer, and (full fine-tune only) a frozen reference."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    frozen_reference: torch.nn.Module | None = None
+
+
+# ---------------------------------------------------------------- roles
+
+
+@contextmanager
+def reference_role(policy: Policy):
+    """pi_ref: the frozen copy, or the adapter switched off for the duration."""
+    if policy.frozen_reference is not None:
+        yield policy.frozen_reference
+    else:
+        with policy.model.disable_adapter():
+            yield policy.model
+
+
+def teacher_role(policy: Policy, teacher: str):
+    """The teacher's weights: the policy itself ('live', the paper), or the reference ('initial')."""
+    return reference_role(policy) if teacher == "initial" else nullcontext(policy.model)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int) -> str:
+    """'tiny' -> the cached tiny model (built on first use); 'Qwen2.5-…' -> 'Qwen/Qwen2.5-…'."""
+    if name == "tiny":
+        return str(ensure_tiny_model(cache_dir, warm_start_steps=warm_start_steps))
+    if name.startswith("Qwen2.5") and "/" not in name and not Path(name).exists():
+        return f"Qwen/{name}"
+    return name
+
+
+def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
+    """(model path, tokenizer); a model that cannot be found is a UsageError, not a traceback."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(args.model, args.cache_dir, args.tiny_warm_start_steps)
+    try:
+        AutoConfig.from_pretrained(path)
+        return path, AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"could not load model {args.model!r} ({path}) locally or from the hub: {str(e).splitlines()[0]} "
+            "Point --model at a folder that holds config.json and the weights, or use --model tiny."
+        ) from e
+
+
+def load_policy(args: argparse.Namespace, path: str, tokenizer) -> Policy:
+    """The model with a LoRA adapter (reference = adapter off), or a full fine-tune with a
+    frozen second copy as the reference."""
+    from transformers import AutoModelForCausalLM
+
+    cuda = torch.cuda.is_available()
+    four_bit = cuda if args.load_in_4bit is None else args.load_in_4bit
+    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
+    if four_bit:
+        keep_4bit_trainable_on_cpu(model)
+    if args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.full_finetune:
+        reference = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda)).eval()
+        reference.requires_grad_(False)
+        return Policy(model, tokenizer, reference)
+    from peft import LoraConfig, get_peft_model
+
+    targets = args.lora_target_modules
+    lora = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets if targets == "all-linear" else targets.split(","),
+        task_type="CAUSAL_LM",
+    )
+    return Policy(get_peft_model(model, lora), tokenizer)
+
+
+def check_four_bit(four_bit: bool | None) -> None:
+    """--load-in-4bit without bitsandbytes is bad input, found before any model work."""
+    if four_bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from e
+
+
+def model_kwargs(four_bit: bool, cuda: bool) -> dict:
+    """from_pretrained arguments: bf16 on CUDA, float32 on CPU, optional NF4 base."""
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    kwargs: dict = {"dtype": dtype, "device_map": {"": 0} if cuda else None}
+    if four_bit:
+        check_four_bit(four_bit)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return kwargs
+
+
+def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """bitsandbytes on CPU repacks 4-bit weights for inference after an eval-mode forward,
+    and the next training step then fails; this flag keeps the training layout."""
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+# ---------------------------------------------------------------- optimizer
+
+
+class Optimizer:
+    """AdamW over the trainable parameters. `clip_and_step` clips the gradient norm and
+    steps, or skips the step (and counts it) when the gradient is not finite."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.bad_in_a_row = 0
+        self.bad_total = 0
+
+    def zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+
+    def clip_and_step(self, max_norm: float) -> dict:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not torch.isfinite(norm):
+            self.bad_in_a_row += 1
+            self.bad_total += 1
+            self.zero_grad()
+            return {"grad_norm": float("nan"), "skipped_step": 1.0, "skipped_total": self.bad_total}
+        self.opt.step()
+        self.bad_in_a_row = 0
+        return {"grad_norm": float(norm), "skipped_step": 0.0, "skipped_total": self.bad_total}
+
+    def state_dict(self) -> dict:
+        return {
+            "adamw": self.opt.state_dict(),
+            "bad_in_a_row": self.bad_in_a_row,
+            "bad_total": self.bad_total,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["adamw"])
+        self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def clock() -> float:
+    """Seconds, after the GPU has finished its queued work (else a timing shows launch time)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated, or the process's peak RSS on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

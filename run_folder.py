@@ -1,0 +1,247 @@
+"""The run folder: everything a run writes, and reads back to continue.
+
+    <output-dir>/args.json        the flags of the run
+                 metrics.jsonl    one row per step (and per evaluation)
+                 samples.jsonl    a few responses per step, with their reward
+                 curves.png       reward, held-out accuracy and KLs against the step
+                 checkpoints/     step-<k>/: adapter or model, optimizer, RNG states, step
+                 adapter/         the trained LoRA adapter (or model/ for a full fine-tune)
+
+A long RL run on one consumer GPU gets interrupted. A checkpoint holds the trainable
+weights (the LoRA adapter in PEFT's safetensors format, or the whole model with
+--full-finetune), the optimizer state, every random generator in play (Python, NumPy,
+torch CPU and CUDA), the step counter (which also fixes the data position: step k
+always trains on the same prompts) and the run's arguments. It is written into a
+temporary folder and renamed into place, so a crash or a kill during a save leaves the
+previous checkpoints intact; only the newest `keep` are kept. Only tensors and plain
+containers are ever loaded back (`torch.load(weights_only=True)`, safetensors), never
+pickled objects. Nothing is deleted or overwritten before the flags have been checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_model
+
+from errors import UsageError
+
+# Arguments that must match to continue a run: anything else may change on resume.
+IDENTITY = ("model", "algo", "full_finetune", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit")
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, keep: int) -> Path:
+    """Write checkpoints/step-<step> atomically, then drop all but the newest `keep`."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+    if is_peft(model):
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "args": settings}, indent=1))
+    final = root / f"step-{step:06d}"
+    if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (temporary folders of a broken save are ignored)."""
+    done = [p for p in sorted((out_dir / "checkpoints").glob("step-*")) if (p / "state.json").exists()]
+    return done[-1] if done else None
+
+
+def check_compatible(path: Path, settings: dict) -> dict:
+    """The checkpoint's state; UsageError if it belongs to a different kind of run."""
+    state = json.loads((path / "state.json").read_text())
+    saved = state["args"]
+    diff = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {settings[k]!r} (now)"
+        for k in IDENTITY
+        if saved.get(k) != settings[k]
+    ]
+    if diff:
+        raise UsageError(
+            f"{path} is from a different run: "
+            + "; ".join(diff)
+            + ". Use another --output-dir, or the checkpoint's settings."
+        )
+    return state
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    """Restore weights, optimizer and RNG states; returns the step to continue from."""
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+    else:
+        load_model(model, str(path / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------- the folder
+
+
+def open_run(settings: dict) -> tuple[Path, Path | None]:
+    """Check the output folder before any work: (folder, checkpoint to resume or None).
+
+    A folder holding another run needs --overwrite-output-dir; --resume needs a
+    checkpoint from a run of the same kind. Nothing is deleted or overwritten on error.
+    """
+    out = Path(settings["output_dir"])
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
+    if settings["resume"] == "yes" and ckpt is None:
+        raise UsageError(f"--resume: no checkpoint in {out}/checkpoints. Run without --resume to start.")
+    resume = ckpt if settings["resume"] in ("yes", "auto") else None
+    if resume is not None:
+        check_compatible(resume, settings)
+    elif holds_run and not settings["overwrite_output_dir"]:
+        raise UsageError(
+            f"{out} holds another run: pass --resume to continue it, --overwrite-output-dir to "
+            "replace it, or choose another --output-dir"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
+    if resume is None:
+        for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
+            (out / name).unlink(missing_ok=True)
+        if (out / "checkpoints").is_dir():
+            shutil.rmtree(out / "checkpoints")
+    (out / "args.json").write_text(json.dumps(settings, indent=1))
+    return out, resume
+
+
+def log_metrics(out_dir: Path, row: dict) -> None:
+    with (out_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    """Every row of metrics.jsonl, in order."""
+    return read_jsonl(out_dir / "metrics.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_samples(
+    out_dir: Path, step: int, completions: list[str], answers: list[str], rewards: list[float], n: int = 4
+) -> None:
+    """The first n responses of a step, with their gold answer and reward, into samples.jsonl."""
+    with (out_dir / "samples.jsonl").open("a") as f:
+        for completion, answer, r in list(zip(completions, answers, rewards, strict=True))[:n]:
+            row = {"step": step, "answer": answer, "completion": completion, "reward": float(r)}
+            f.write(json.dumps(row) + "\n")
+
+
+def truncate_logs(out_dir: Path, step: int) -> None:
+    """Drop log rows written after the checkpoint's step (a killed run may have some)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = out_dir / name
+        if path.exists():
+            keep = [row for row in read_jsonl(path) if row["step"] <= step]
+            path.write_text("".join(json.dumps(row) + "\n" for row in keep))
+
+
+def plot_curves(out_dir: Path) -> None:
+    """curves.png: training reward, held-out accuracy and KLs against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out_dir)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    train = [r for r in rows if "reward" in r]
+    axes[0].plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward")
+    for key in [k for k in rows[-1] if k.startswith("eval_")] if rows else []:
+        ev = [r for r in rows if key in r]
+        axes[0].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=key)
+    axes[0].set_ylim(0, 1)
+    for ax, key in ((axes[1], "kl_distill"), (axes[2], "ref_kl")):
+        pts = [r for r in train if key in r]
+        ax.plot([r["step"] for r in pts], [r[key] for r in pts])
+        ax.set_title(key)
+    axes[0].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+def save_policy(model, tokenizer, out_dir: Path) -> Path:
+    """The LoRA adapter in PEFT format (or the full model), safetensors, with the tokenizer."""
+    target = out_dir / ("adapter" if is_peft(model) else "model")
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step; a second one
+    interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
