@@ -13,12 +13,14 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from data import CONTEXT_TEMPLATE
 from errors import UsageError
-from losses import AGG_MODES, DEFAULT_CHUNK, KL_MODES
+from losses import AGG_MODES, DEFAULT_CHUNK, KL_CLAMP, KL_MODES
 from policy import check_four_bit
 from tiny_model import WARM_START_STEPS
 
 ALGOS = ("sdpg", "grpo", "opd")
+TEACHERS = ("live", "initial", "ema")
 # Defaults that depend on the model: the tiny demo learns fast with a large lr and short
 # answers; a real model follows the paper's recipe scaled to one GPU with LoRA.
 PRESETS = {
@@ -38,6 +40,8 @@ PRESETS = {
         lora_alpha=32,
         beta=0.1,
         alpha=1e-3,
+        weight_decay=0.0,
+        lr_warmup_steps=0,
     ),
     "hub": dict(
         data="gsm8k",
@@ -55,9 +59,13 @@ PRESETS = {
         lora_alpha=64,
         beta=1e-3,
         alpha=1e-3,
+        weight_decay=0.0,
+        lr_warmup_steps=0,
     ),
 }
-FULL_FINETUNE_LR = 1e-6  # the paper's lr; LoRA wants a larger one (the hub preset's 1e-5)
+# The authors' optimizer recipe (full fine-tuning): lr 1e-6, AdamW weight decay 0.1, and a
+# 10-step linear lr warm-up, then constant. It fills what --full-finetune leaves unset.
+FULL_FINETUNE = dict(lr=1e-6, weight_decay=0.1, lr_warmup_steps=10)
 POSITIVE_INTS = (
     "steps",
     "batch_prompts",
@@ -65,6 +73,7 @@ POSITIVE_INTS = (
     "max_new_tokens",
     "max_prompt_length",
     "ppo_epochs",
+    "mini_batch_prompts",
     "eval_size",
     "eval_samples",
     "kl_chunk_size",
@@ -87,6 +96,8 @@ class Config:
     beta_decay_steps: int
     positive_adv_only: bool
     teacher: str
+    teacher_ema_decay: float
+    kl_clamp: float
     eps_low: float
     eps_high: float
     clip_c: float
@@ -100,11 +111,13 @@ class Config:
     # optimisation
     steps: int
     batch_prompts: int
+    mini_batch_prompts: int
     ppo_epochs: int
     micro_batch: int
     kl_chunk_size: int
     lr: float
     weight_decay: float
+    lr_warmup_steps: int
     grad_clip: float
     seed: int
     # evaluation and saving
@@ -153,6 +166,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g("--data", default=None, help="'arithmetic', 'gsm8k', or a .jsonl/.parquet/.csv file")
     g("--gsm8k-solution-context", action="store_true", help="GSM8K: the teacher sees the worked solution")
     g("--eval-data", default=None, help="held-out file (default: the task's test split)")
+    g(
+        "--context-template",
+        default=CONTEXT_TEMPLATE,
+        help="the teacher's privileged context c for built-in tasks and rows without one; {answer} is "
+        "the gold answer",
+    )
     g("--max-prompt-length", type=int, default=None, help="longer prompts are dropped, with a count")
     g("--verifier", choices=("rule", "math-verify"), default="rule", help="reward backend")
     g(
@@ -183,9 +202,17 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o("--positive-adv-only", action="store_true", help="distil only responses with A > 0")
     o(
         "--teacher",
-        choices=("live", "initial"),
+        choices=TEACHERS,
         default="live",
-        help="who reads the context: live = current policy (the paper), initial = reference (ablation)",
+        help="who reads the context: live = the current policy (the paper); initial = the reference "
+        "(adapter off); ema = an exponential moving average of the trained weights",
+    )
+    o("--teacher-ema-decay", type=float, default=0.9, help="--teacher ema: decay per optimizer step")
+    o(
+        "--kl-clamp",
+        type=float,
+        default=KL_CLAMP,
+        help="per-token distillation KL clamped at this many nats, as the authors do (0: off)",
     )
     o("--eps-low", type=float, default=0.2, help="PPO clip below 1")
     o("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
@@ -202,11 +229,30 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     t = p.add_argument_group("optimisation").add_argument
     t("--steps", type=int, default=None, help="training steps, one rollout each")
     t("--batch-prompts", type=int, default=None, help="B, prompts per step")
-    t("--ppo-epochs", type=int, default=1, help="optimizer steps per rollout (>1 uses old log-probs)")
+    t(
+        "--mini-batch-prompts",
+        type=int,
+        default=None,
+        help="prompts per optimizer step (verl's ppo_mini_batch_size): one rollout of B prompts feeds "
+        "B / this many optimizer steps over disjoint whole groups (default: B, one step)",
+    )
+    t("--ppo-epochs", type=int, default=1, help="passes over the rollout's mini-batches")
     t("--micro-batch", type=int, default=None, help="rows per forward/backward")
     t("--kl-chunk-size", type=int, default=DEFAULT_CHUNK, help="tokens per chunk of the full-vocab KL")
-    t("--lr", type=float, default=None, help=f"AdamW lr; --full-finetune: {FULL_FINETUNE_LR}")
-    t("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    t("--lr", type=float, default=None, help=f"AdamW lr; --full-finetune: {FULL_FINETUNE['lr']}")
+    t(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"AdamW weight decay; --full-finetune: {FULL_FINETUNE['weight_decay']}",
+    )
+    t(
+        "--lr-warmup-steps",
+        type=int,
+        default=None,
+        help="linear lr warm-up over this many training steps, then constant (lr x k / W at step k = 0, "
+        f"1, ..., as verl); --full-finetune: {FULL_FINETUNE['lr_warmup_steps']}",
+    )
     t("--grad-clip", type=float, default=1.0, help="max gradient norm")
     t("--seed", type=int, default=0, help="seeds sampling, data order and init")
     t("--lora-r", type=int, default=None, help="LoRA rank")
@@ -230,7 +276,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     e = p.add_argument_group("evaluation, output and resuming").add_argument
     e("--eval-every", type=int, default=None, help="steps between held-out evals (0: only before and after)")
     e("--eval-size", type=int, default=None, help="held-out prompts per eval")
-    e("--eval-samples", type=int, default=None, help="k of mean@k at the training temperature")
+    e(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="k of mean@k and pass@k at the training temperature (the authors: 32 at T = 1)",
+    )
     e(
         "--output-dir",
         default=None,
@@ -258,20 +309,22 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill model-dependent defaults and check every flag; UsageError on bad input."""
+    """Fill the defaults the user left unset (None) and check every flag; UsageError on bad
+    input. A flag the user gave is never changed."""
     if args.output_dir is None:
         args.output_dir = f"runs/{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-    preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
-    for key, value in preset.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.full_finetune and args.lr == PRESETS["hub"]["lr"]:
-        args.lr = FULL_FINETUNE_LR
     if args.algo == "grpo":
-        if args.beta not in (None, 0.0, preset["beta"]):
+        if args.beta not in (None, 0.0):
             raise UsageError("--algo grpo has no distillation term: drop --beta or use --algo sdpg")
         args.beta = 0.0
-        args.alpha = 0.0 if args.alpha == preset["alpha"] else args.alpha
+        args.alpha = 0.0 if args.alpha is None else args.alpha
+    preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
+    for key, value in {**preset, **(FULL_FINETUNE if args.full_finetune else {})}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.mini_batch_prompts is None:
+        args.mini_batch_prompts = args.batch_prompts
+    args.kl_clamp = args.kl_clamp or None  # 0: off
     check(args)
     return args
 
@@ -288,6 +341,19 @@ def check(args: argparse.Namespace) -> None:
             "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
             "changes: use LoRA (drop --full-finetune) or --teacher live"
         )
+    if args.batch_prompts % args.mini_batch_prompts:
+        raise UsageError(
+            f"--mini-batch-prompts {args.mini_batch_prompts} must divide --batch-prompts "
+            f"{args.batch_prompts}: every optimizer step takes the same number of whole groups"
+        )
+    if not 0 <= args.teacher_ema_decay < 1:
+        raise UsageError(f"--teacher-ema-decay must be in [0, 1), got {args.teacher_ema_decay}")
+    try:
+        args.context_template.format(answer="42")
+    except (KeyError, IndexError, ValueError) as e:
+        raise UsageError(
+            f"--context-template may only hold the field {{answer}} (write other braces twice): {e!r}"
+        ) from e
     if args.num_generations < 2:
         raise UsageError(
             f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
@@ -299,10 +365,13 @@ def check(args: argparse.Namespace) -> None:
         or args.temperature <= 0
         or not 0 < args.top_p <= 1
         or args.lr <= 0
+        or args.weight_decay < 0
+        or args.lr_warmup_steps < 0
+        or (args.kl_clamp or 0) < 0
     ):
         raise UsageError(
             "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --temperature > 0, "
-            "0 < --top-p <= 1 and --lr > 0"
+            "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0 and --kl-clamp >= 0"
         )
     check_four_bit(args.load_in_4bit)
     check_model_name(args.model)
@@ -324,10 +393,10 @@ def check_model_name(name: str) -> None:
 def verl_overrides(args: argparse.Namespace) -> list[str]:
     """The authors' verl recipe keys for the same run (see README); UsageError for a run
     that recipe cannot express."""
-    if args.algo == "opd" or args.teacher != "live":
+    if args.algo == "opd" or args.teacher != "live" or args.kl_clamp != KL_CLAMP:
         raise UsageError(
-            "the verl recipe has no key for --algo opd or --teacher initial: "
-            "print overrides for --algo sdpg or grpo with the live teacher"
+            "the verl recipe has no key for --algo opd, --teacher initial/ema or another --kl-clamp "
+            "(theirs is fixed at 20): print overrides for --algo sdpg or grpo with the live teacher"
         )
     pl = "actor_rollout_ref.actor.policy_loss"
     actor = "actor_rollout_ref.actor"
@@ -345,12 +414,19 @@ def verl_overrides(args: argparse.Namespace) -> list[str]:
         f"{actor}.clip_ratio_c={args.clip_c}",
         f"{actor}.loss_agg_mode={args.loss_agg}",
         f"{actor}.optim.lr={args.lr}",
-        f"{actor}.ppo_mini_batch_size={args.batch_prompts}",
+        f"{actor}.optim.weight_decay={args.weight_decay}",
+        f"{actor}.optim.lr_warmup_steps={args.lr_warmup_steps}",
+        f"{actor}.grad_clip={args.grad_clip}",
+        f"{actor}.ppo_mini_batch_size={args.mini_batch_prompts}",
+        f"{actor}.ppo_epochs={args.ppo_epochs}",
         f"actor_rollout_ref.rollout.n={args.num_generations}",
         f"actor_rollout_ref.rollout.temperature={args.temperature}",
         f"actor_rollout_ref.rollout.top_p={args.top_p}",
+        f"actor_rollout_ref.rollout.val_kwargs.n={args.eval_samples}",
+        f"actor_rollout_ref.rollout.val_kwargs.temperature={args.temperature}",
         f"data.max_prompt_length={args.max_prompt_length}",
         f"data.max_response_length={args.max_new_tokens}",
         f"data.train_batch_size={args.batch_prompts}",
         f"trainer.total_training_steps={args.steps}",
+        f"trainer.test_freq={args.eval_every}",
     ]

@@ -1,9 +1,18 @@
-"""Tasks: questions with a gold answer and the privileged context the teacher sees.
+"""Tasks: prompts with a gold answer and the privileged context only the teacher sees.
 
-SDPG needs, per prompt, the question x, the gold answer for the verifier, and a
-privileged context c that only the teacher view gets. By default c is built from the
-answer with a template (DEFAULT_CONTEXT below); a source may instead give c verbatim
-(e.g. GSM8K's worked solution, or a `context` column).
+Every prompt is held in the authors' format (their verl dataset code, github
+lauyikfung/SDPG): chat messages whose first message holding `[TEACHER_CONTEXT_TOKEN]`
+splits there, once, into the two views of `views`:
+
+    student  that message's content before the token, unchanged
+    teacher  the same text immediately followed by everything after the token
+
+Both views are rendered with the chat template and add_generation_prompt=True. Before
+the split, the DAPO instruction "The last line of your response should be of the form
+Answer: ..." is replaced by the boxed one, as in their boxed runs. A plain question
+becomes `question \n BOXED_INSTRUCTION [TEACHER_CONTEXT_TOKEN] \n\n context`, where the
+context is the authors' text with the gold answer in it (`--context-template`) unless a
+source gives one.
 
 Sources:
 - `arithmetic`: built in, generated offline from a seed; the default task. One-digit
@@ -12,13 +21,16 @@ Sources:
   shared by both splits: the held-out set measures answering new questions, not
   discovering new arithmetic.
 - `gsm8k`: `openai/gsm8k` (config `main`) through `datasets`; gold = text after '####'.
-- a local `.jsonl`, `.json`, `.parquet` or `.csv` file with columns `question` and
-  `answer` and optional `context`. A `question` that holds the authors' separator
-  `[TEACHER_CONTEXT_TOKEN]` is split there into question and context (verl data format).
+- a local `.jsonl`, `.json`, `.parquet` or `.csv` file, either in the authors' verl
+  format (`prompt`: a list of chat messages, `reward_model.ground_truth`: the answer)
+  or with columns `question`, `answer` and optional `context` (a `question` holding the
+  token is used as their message content). Rows with an empty question or answer are
+  skipped, with a count.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import random
 import sys
@@ -29,43 +41,65 @@ from pathlib import Path
 from errors import UsageError
 
 TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
+BOXED_INSTRUCTION = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
+DAPO_INSTRUCTION = (
+    "The last line of your response should be of the form Answer: $Answer (without quotes) "
+    "where $Answer is the answer to the problem."
+)
+CONTEXT_TEMPLATE = (
+    "The correct answer to this problem is: {answer}\n"
+    "Use this to verify your reasoning, but show your full solution process."
+)
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
 
 
 @dataclass
 class Example:
-    """One prompt: what the student sees, the gold answer, what only the teacher sees."""
+    """One prompt: the question (for logs), the gold answer (for the verifier), and the
+    chat messages in the authors' format, the teacher's context after the token."""
 
     question: str
     answer: str
-    context: str | None = None  # privileged text used verbatim; None: template from answer
+    messages: list[dict[str, str]]
+
+
+def plain_example(question: str, answer: str, context: str) -> Example:
+    """A question in the authors' format: the boxed instruction, then the token and c."""
+    content = f"{question}\n{BOXED_INSTRUCTION}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+    return Example(question, answer, [{"role": "user", "content": content}])
 
 
 # ---------------------------------------------------------------- the two views
 
 
-INSTRUCTION = "Put the final answer in \\boxed{}."
-DEFAULT_CONTEXT = (
-    "The correct answer to this problem is: {answer}. "
-    "Use this to verify your reasoning, but show your full solution process."
-)
+def views(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(student messages, teacher messages), split at the first message holding the token.
+    Messages without the token give both views the same prompt."""
+    messages = [
+        {**m, "content": m["content"].replace(DAPO_INSTRUCTION, BOXED_INSTRUCTION, 1)} for m in messages
+    ]
+    for i, m in enumerate(messages):
+        if TEACHER_CONTEXT_TOKEN in m["content"]:
+            student_part, context = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)
+            student, teacher = copy.deepcopy(messages), copy.deepcopy(messages)
+            student[i] = {**m, "content": student_part}
+            teacher[i] = {**m, "content": student_part + context}
+            return student, teacher
+    return messages, copy.deepcopy(messages)
 
 
-def render(tokenizer, user_text: str) -> str:
+def render(tokenizer, messages: list[dict[str, str]]) -> str:
     """The tokenizer's chat template when it has one, else plain 'Question/Answer' text."""
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user_text}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"Question: {user_text}\nAnswer:"
+    return "Question: " + "\n".join(m["content"] for m in messages) + "\nAnswer:"
 
 
 def prompt_texts(tokenizer, ex: Example) -> tuple[str, str]:
     """(student prompt x, teacher prompt (c, x)) for one example, as the model reads them."""
-    context = ex.context if ex.context is not None else DEFAULT_CONTEXT.format(answer=ex.answer)
-    student = render(tokenizer, f"{ex.question}\n{INSTRUCTION}")
-    teacher = render(tokenizer, f"{ex.question}\n{context}\n{INSTRUCTION}")
-    return student, teacher
+    student, teacher = views(ex.messages)
+    return render(tokenizer, student), render(tokenizer, teacher)
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -80,32 +114,37 @@ _NAMES = ["Ann", "Ben", "Cal", "Dee", "Eli", "Fay", "Gus", "Ivy"]
 _ITEMS = ["apples", "books", "coins", "pens", "shells", "stamps"]
 
 
-def arithmetic_example(rng: random.Random) -> Example:
-    """A word problem over a one-digit addition fact a + b; 81 facts in all."""
+def arithmetic_question(rng: random.Random) -> tuple[str, str]:
+    """(question, answer): a word problem over a one-digit addition fact a + b; 81 facts."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
-    return Example(f"{name} has {a} {item} and gets {b} more. How many {item} now?", str(a + b))
+    return f"{name} has {a} {item} and gets {b} more. How many {item} now?", str(a + b)
 
 
-def arithmetic_split(n: int, split: str, seed: int = 0) -> list[Example]:
+def arithmetic_split(
+    n: int, split: str, seed: int = 0, context_template: str = CONTEXT_TEMPLATE
+) -> list[Example]:
     """n examples: 'test' is fixed (its own seed); 'train' follows `seed` and never
     repeats a test question."""
     if split == "test":
         rng = random.Random(HELD_OUT_SEED)
-        return [arithmetic_example(rng) for _ in range(n)]
-    held_out = {e.question for e in arithmetic_split(500, "test")}
-    rng, out = random.Random(seed), []
-    while len(out) < n:
-        ex = arithmetic_example(rng)
-        if ex.question not in held_out:
-            out.append(ex)
-    return out
+        pairs = [arithmetic_question(rng) for _ in range(n)]
+    else:
+        held_out = {e.question for e in arithmetic_split(500, "test")}
+        rng, pairs = random.Random(seed), []
+        while len(pairs) < n:
+            q, a = arithmetic_question(rng)
+            if q not in held_out:
+                pairs.append((q, a))
+    return [plain_example(q, a, context_template.format(answer=a)) for q, a in pairs]
 
 
 # ---------------------------------------------------------------- GSM8K and files
 
 
-def gsm8k_split(split: str, solution_as_context: bool = False) -> list[Example]:
+def gsm8k_split(
+    split: str, solution_as_context: bool = False, context_template: str = CONTEXT_TEMPLATE
+) -> list[Example]:
     """GSM8K from the hub (or the local HF cache); gold = the number after '####'."""
     import datasets
 
@@ -119,64 +158,104 @@ def gsm8k_split(split: str, solution_as_context: bool = False) -> list[Example]:
     out = []
     for row in ds:
         solution, _, gold = row["answer"].rpartition("####")
-        context = solution.strip() + f"\nThe final answer is {gold.strip()}." if solution_as_context else None
-        out.append(Example(row["question"], gold.strip(), context))
+        gold = gold.strip()
+        if solution_as_context:
+            context = solution.strip() + f"\nThe final answer is {gold}."
+        else:
+            context = context_template.format(answer=gold)
+        out.append(plain_example(row["question"], gold, context))
     return out
 
 
-def split_teacher_context(question: str) -> tuple[str, str | None]:
-    """'x [TEACHER_CONTEXT_TOKEN] c' -> ('x', 'c'); no separator -> (question, None)."""
-    if TEACHER_CONTEXT_TOKEN not in question:
-        return question, None
-    q, _, c = question.partition(TEACHER_CONTEXT_TOKEN)
-    return q.strip(), c.strip() or None
-
-
-def file_examples(path: str | Path) -> list[Example]:
-    """Examples from a local .jsonl/.json/.parquet/.csv with question/answer[/context]."""
+def read_table(path: Path):
+    """A local file as a `datasets.Dataset`, parsed in memory; UsageError if unreadable."""
     import datasets
 
-    path = Path(path)
     if not path.is_file():
         raise UsageError(f"dataset file not found: {path}")
     kind = FILE_TYPES.get(path.suffix.lower())
     if kind is None:
         raise UsageError(f"unsupported dataset file type {path.suffix!r}: use one of {', '.join(FILE_TYPES)}")
+    if not path.read_bytes()[:4096].strip():
+        raise UsageError(f"{path} holds no rows")
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error says it all
     try:  # parsed in memory, its Arrow cache in a temporary folder: nothing is left behind
         with tempfile.TemporaryDirectory() as cache:
-            ds = datasets.load_dataset(
+            return datasets.load_dataset(
                 kind, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True
             )
     except Exception as e:  # datasets raises many types for unreadable files
         raise UsageError(
             f"could not read {path} as {kind}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
         ) from e
-    missing = {"question", "answer"} - set(ds.column_names)
-    if missing:
+
+
+def row_example(row: dict, context_template: str) -> Example | None:
+    """One file row as an Example, or None when its question or answer is empty."""
+    if "prompt" in row:  # the authors' verl format
+        messages = [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in row["prompt"] or []]
+        answer = str(((row.get("reward_model") or {}).get("ground_truth")) or "").strip()
+        student, _ = views(messages)
+        question = next((m["content"] for m in reversed(student) if m["role"] == "user"), "").strip()
+        if not (question and answer):
+            return None
+        if not any(TEACHER_CONTEXT_TOKEN in m["content"] for m in messages):  # no context given: ours
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            content = messages[last]["content"] + TEACHER_CONTEXT_TOKEN + "\n\n"
+            messages[last] = {**messages[last], "content": content + context_template.format(answer=answer)}
+        return Example(question, answer, messages)
+    question, answer = str(row["question"] or ""), str(row["answer"] or "").strip()
+    asked = question.split(TEACHER_CONTEXT_TOKEN)[0].strip()
+    if not (asked and answer):
+        return None
+    if row.get("context"):
+        return plain_example(asked, answer, str(row["context"]))
+    if TEACHER_CONTEXT_TOKEN in question:  # already their message content
+        return Example(asked, answer, [{"role": "user", "content": question}])
+    return plain_example(asked, answer, context_template.format(answer=answer))
+
+
+def file_examples(path: str | Path, context_template: str = CONTEXT_TEMPLATE) -> list[Example]:
+    """Examples from a local .jsonl/.json/.parquet/.csv: the authors' verl format
+    (prompt, reward_model) or question/answer[/context]."""
+    path = Path(path)
+    ds = read_table(path)
+    columns = set(ds.column_names)
+    if not ({"prompt", "reward_model"} <= columns or {"question", "answer"} <= columns):
         raise UsageError(
-            f"{path} needs columns 'question' and 'answer' (optional 'context'); "
-            f"found {', '.join(ds.column_names) or 'none'}"
+            f"{path} needs columns 'question' and 'answer' (optional 'context'), or the verl format's "
+            f"'prompt' and 'reward_model'; found {', '.join(ds.column_names) or 'none'}"
         )
     if len(ds) == 0:
         raise UsageError(f"{path} holds no rows")
-    out = []
-    for row in ds:
-        question, context = split_teacher_context(str(row["question"]))
-        if row.get("context"):
-            context = str(row["context"])
-        out.append(Example(question, str(row["answer"]), context))
+    rows = [row_example(row, context_template) for row in ds]
+    out = [e for e in rows if e is not None]
+    if len(out) < len(rows):
+        print(
+            f"{path}: skipped {len(rows) - len(out)} of {len(rows)} rows with an empty question or answer",
+            file=sys.stderr,
+        )
+    if not out:
+        raise UsageError(f"{path}: every row has an empty question or answer; nothing to train on")
     return out
 
 
 def load_task(
-    name: str, split: str, n: int = 0, seed: int = 0, solution_as_context: bool = False
+    name: str,
+    split: str,
+    n: int = 0,
+    seed: int = 0,
+    solution_as_context: bool = False,
+    context_template: str = CONTEXT_TEMPLATE,
 ) -> list[Example]:
     """`arithmetic`, `gsm8k`, or a file path; n > 0 keeps the first n examples."""
     if name == "arithmetic":
-        return arithmetic_split(n or (2000 if split == "train" else 200), split, seed)
-    examples = gsm8k_split(split, solution_as_context) if name == "gsm8k" else file_examples(name)
+        return arithmetic_split(n or (2000 if split == "train" else 200), split, seed, context_template)
+    if name == "gsm8k":
+        examples = gsm8k_split(split, solution_as_context, context_template)
+    else:
+        examples = file_examples(name, context_template)
     return examples[:n] if n > 0 else examples
 
 
@@ -184,15 +263,22 @@ def load_task(
 
 
 def load_splits(
-    data: str, eval_data: str | None, eval_size: int, seed: int = 0, solution_as_context: bool = False
+    data: str,
+    eval_data: str | None,
+    eval_size: int,
+    seed: int = 0,
+    solution_as_context: bool = False,
+    context_template: str = CONTEXT_TEMPLATE,
 ) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples; UsageError for data that cannot be used. Needs no model,
     so bad data fails before any model work. A single file holds out its last tenth."""
-    train = load_task(data, "train", seed=seed, solution_as_context=solution_as_context)
+    train = load_task(
+        data, "train", seed=seed, solution_as_context=solution_as_context, context_template=context_template
+    )
     if eval_data:
-        evals = load_task(eval_data, "test")
+        evals = load_task(eval_data, "test", context_template=context_template)
     elif data in ("arithmetic", "gsm8k"):
-        evals = load_task(data, "test", n=eval_size)
+        evals = load_task(data, "test", n=eval_size, context_template=context_template)
     else:
         k = max(1, len(train) // 10)
         train, evals = (train[:-k], train[-k:]) if len(train) > 1 else (train, train)

@@ -26,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KL_MODES = ("fkl", "rkl", "ufkl", "urkl")
+# The authors clamp log(pi_theta / pi_old) to +-20 before exp (so a ratio is at most e^20,
+# never inf) and the per-token distillation KL at 20 nats (a token whose KL is larger
+# gets no distillation gradient).
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 20.0
 # Tokens per chunk of the LM head pass. At Qwen's V = 151,936 a chunk holds at most three
 # [256, V] float32 tensors (~470 MB); bench/kl_bench.py measured this as under 10% of the
 # naive path's peak and no slower (README, "Benchmarks").
@@ -75,7 +80,7 @@ def clipped_policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO's dual-clip PPO surrogate per token.
 
-        r_t = exp(logp - old_logp)
+        r_t = exp(clamp(logp - old_logp, -20, 20))
         L_t = max(-A r_t, -A clip(r_t, 1 - eps_low, 1 + eps_high))   (PPO, asymmetric)
         L_t = min(L_t, c |A|)                                       only where A < 0
 
@@ -87,7 +92,8 @@ def clipped_policy_loss(
     """
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # [B, 1|T]
     valid = mask.bool()
-    ratio = torch.exp((logp - old_logp).masked_fill(~valid, 0.0))  # [B, T], padding -> 1
+    log_ratio = (logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio.masked_fill(~valid, 0.0))  # [B, T], padding -> 1
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     ppo = torch.maximum(loss_unclipped, loss_clipped)
@@ -343,13 +349,15 @@ def sdpg_loss(
     clip_c: float = 10.0,
     agg: str = "token-mean",
     normalizer: float | None = None,
+    kl_clamp: float | None = KL_CLAMP,
 ) -> tuple[Tensor, dict[str, float]]:
     """The SDPG objective on one (micro-)batch; see the module docstring.
 
     logp, old_logp, mask, kl, ref_logp: [B, T] over response tokens; advantages [B] or
-    [B, T]. kl is the per-token KL(p || SG[q]) (from chunked_head); it may be None when
-    beta == 0, and ref_logp may be None when alpha == 0. Returns the scalar loss and
-    float metrics (masked means over this call's tokens).
+    [B, T]. kl is the per-token KL(p || SG[q]) (from chunked_head), clamped at kl_clamp
+    nats (None: not clamped); it may be None when beta == 0, and ref_logp may be None
+    when alpha == 0. Returns the scalar loss and float metrics (masked means over this
+    call's tokens; kl_distill is the clamped KL that enters the loss).
     """
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 needs the per-token distillation kl")
@@ -361,6 +369,8 @@ def sdpg_loss(
     metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
     if kl is not None:
         kl = kl.masked_fill(pad, 0.0)
+        if kl_clamp is not None:
+            kl = kl.clamp(max=kl_clamp)
         adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
         gate = (adv > 0).to(kl.dtype)[:, None] if positive_adv_only else 1.0  # [B, 1]
         per_token = per_token + beta * gate * kl

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +28,53 @@ from tiny_model import ensure_tiny_model
 
 @dataclass
 class Policy:
-    """The model being trained, its tokenizer, and (full fine-tune only) a frozen reference."""
+    """The model being trained, its tokenizer, (full fine-tune only) a frozen reference, and
+    (--teacher ema only) the moving average of its trained weights."""
 
     model: torch.nn.Module
     tokenizer: object
     frozen_reference: torch.nn.Module | None = None
+    ema: EmaWeights | None = None
+
+
+class EmaWeights:
+    """theta' <- d theta' + (1 - d) theta over the trainable parameters, after every optimizer
+    step; `swapped_in` puts theta' into the model for the teacher pass only.
+
+    A live teacher is made of the weights being trained, so its reading of the context
+    moves (and erodes) with every update; the average moves slowly, a teacher between
+    the live one and the initial weights. With LoRA only the adapter is averaged.
+    """
+
+    def __init__(self, params, decay: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self):
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)
 
 
 # ---------------------------------------------------------------- roles
@@ -48,9 +90,18 @@ def reference_role(policy: Policy):
             yield policy.model
 
 
+@contextmanager
 def teacher_role(policy: Policy, teacher: str):
-    """The teacher's weights: the policy itself ('live', the paper), or the reference ('initial')."""
-    return reference_role(policy) if teacher == "initial" else nullcontext(policy.model)
+    """The teacher's weights: the policy itself ('live', the paper), the reference
+    ('initial'), or the moving average of the trained weights ('ema')."""
+    if teacher == "initial":
+        with reference_role(policy) as reference:
+            yield reference
+    elif teacher == "ema":
+        with policy.ema.swapped_in():
+            yield policy.model
+    else:
+        yield policy.model
 
 
 # ---------------------------------------------------------------- loading
@@ -149,14 +200,25 @@ def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
 
 
 class Optimizer:
-    """AdamW over the trainable parameters. `clip_and_step` clips the gradient norm and
-    steps, or skips the step (and counts it) when the gradient is not finite."""
+    """AdamW over the trainable parameters, with verl's constant lr after a linear warm-up:
+    training step k = 0, 1, ... runs at lr * min(1, k / warmup_steps) (so, as in verl, the
+    first step of a warm-up runs at lr 0). `clip_and_step` clips the gradient norm and
+    steps, or skips the step (and counts it) when the gradient is not finite;
+    `end_training_step` advances the schedule once per rollout, however many optimizer
+    steps it fed."""
 
-    def __init__(self, params, lr: float, weight_decay: float):
+    def __init__(self, params, lr: float, weight_decay: float, warmup_steps: int = 0):
         self.params = [p for p in params if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda k: min(1.0, k / warmup_steps) if warmup_steps > 0 else 1.0
+        )
         self.bad_in_a_row = 0
         self.bad_total = 0
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
 
     def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -172,15 +234,20 @@ class Optimizer:
         self.bad_in_a_row = 0
         return {"grad_norm": float(norm), "skipped_step": 0.0, "skipped_total": self.bad_total}
 
+    def end_training_step(self) -> None:
+        self.schedule.step()
+
     def state_dict(self) -> dict:
         return {
             "adamw": self.opt.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "bad_in_a_row": self.bad_in_a_row,
             "bad_total": self.bad_total,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["adamw"])
+        self.schedule.load_state_dict(state["schedule"])
         self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
 
 

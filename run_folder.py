@@ -4,7 +4,8 @@
                  metrics.jsonl    one row per step (and per evaluation)
                  samples.jsonl    a few responses per step, with their reward
                  curves.png       reward, held-out accuracy and KLs against the step
-                 checkpoints/     step-<k>/: adapter or model, optimizer, RNG states, step
+                 checkpoints/     step-<k>/: adapter or model, optimizer and lr schedule, RNG
+                                  states, EMA teacher (if any), step
                  adapter/         the trained LoRA adapter (or model/ for a full fine-tune)
 
 A long RL run on one consumer GPU gets interrupted. A checkpoint holds the trainable
@@ -36,7 +37,16 @@ from safetensors.torch import load_file, load_model, save_model
 from errors import UsageError
 
 # Arguments that must match to continue a run: anything else may change on resume.
-IDENTITY = ("model", "algo", "full_finetune", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit")
+IDENTITY = (
+    "model",
+    "algo",
+    "teacher",
+    "full_finetune",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "load_in_4bit",
+)
 
 
 def is_peft(model: torch.nn.Module) -> bool:
@@ -63,8 +73,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, keep: int) -> Path:
-    """Write checkpoints/step-<step> atomically, then drop all but the newest `keep`."""
+def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, keep: int, ema=None) -> Path:
+    """Write checkpoints/step-<step> atomically, then drop all but the newest `keep`.
+    `ema` (an EMA teacher's weights, if any) is saved beside the optimizer."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -74,6 +85,8 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, 
         save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), tmp / "teacher_ema.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "args": settings}, indent=1))
     final = root / f"step-{step:06d}"
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
@@ -108,8 +121,9 @@ def check_compatible(path: Path, settings: dict) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, model, optimizer) -> int:
-    """Restore weights, optimizer and RNG states; returns the step to continue from."""
+def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
+    """Restore weights, optimizer (with its lr schedule), EMA teacher and RNG states;
+    returns the step to continue from."""
     if is_peft(model):
         from peft import set_peft_model_state_dict
 
@@ -117,6 +131,8 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     else:
         load_model(model, str(path / "model.safetensors"))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if ema is not None:
+        ema.load_state_dict(torch.load(path / "teacher_ema.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())["step"]
 

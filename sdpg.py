@@ -9,11 +9,13 @@ One step (`sdpg_step`) in five stages:
   1. sample G responses per prompt from the student view
   2. verifier rewards -> group advantages A_i = (R_i - mean_G) / (std_G + eps)
   3. log-probs that stay fixed during the step, no grad: pi_ref (adapter off) for the
-     anchor, pi_old for the PPO ratio
-  4. per micro-batch: teacher hidden states (no grad), student hidden states, one chunked
-     pass over the LM head for log p(y_t) and KL(p_t || SG[q_t]), `losses.sdpg_loss`,
-     backward, with the loss normalised over the whole batch's tokens
-  5. clip the gradient norm and take the optimizer step
+     anchor, pi_old (the policy before the first update) for the PPO ratio
+  4. per mini-batch of whole groups, per micro-batch: teacher hidden states (no grad),
+     student hidden states, one chunked pass over the LM head for log p(y_t) and
+     KL(p_t || SG[q_t]), `losses.sdpg_loss`, backward, with the loss normalised over
+     the mini-batch's tokens
+  5. clip the gradient norm and take an optimizer step, once per mini-batch; as in the
+     authors' verl recipe, one rollout feeds B / --mini-batch-prompts updates
 
 What is simplified compared with the authors' verl recipe, and why:
   - HF `generate` in the training process instead of vLLM: no second engine and no
@@ -44,6 +46,7 @@ from cli import Config
 from errors import TrainingError, UsageError
 from losses import beta_schedule, group_advantages, masked_mean, sdpg_loss
 from policy import (
+    EmaWeights,
     Optimizer,
     Policy,
     clock,
@@ -80,24 +83,35 @@ def sdpg_step(
     #    for flat groups).
     rewards = torch.tensor([reward_fn(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)])
     advantages = group_advantages(rewards.double(), cfg.num_generations).float()  # [B*G]
-    beta = beta_schedule(step, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps)
-    # 3. Log-probs fixed for the step: the reference for the anchor, pi_old for the ratio
-    #    (with one update per rollout the ratio's base is the current log-prob, detached).
+    # The authors' schedules read the 1-based global step: warm-up starts at step 1 and a
+    # decay reaches 0 at the last step.
+    beta = beta_schedule(step + 1, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps)
+    # 3. Log-probs fixed for the step: the reference for the anchor, and pi_old, the policy
+    #    before the first update, as the PPO ratio's base. With one update per rollout the
+    #    base is the current log-prob, detached (ratio 1, as verl does on-policy).
+    n_updates = cfg.ppo_epochs * cfg.batch_prompts // cfg.mini_batch_prompts
     ref_logp = None
     if cfg.alpha > 0:
         with reference_role(policy) as reference:
             ref_logp = batched_logprobs(reference, batch, cfg)  # [B*G, T]
-    old_logp = batched_logprobs(policy.model, batch, cfg) if cfg.ppo_epochs > 1 else None  # [B*G, T]
+    old_logp = batched_logprobs(policy.model, batch, cfg) if n_updates > 1 else None  # [B*G, T]
     timings = {"reference_s": clock() - t_sampled, "teacher_s": 0.0, "student_s": 0.0}
-    # 4-5. Backward over the batch one micro-batch at a time, then one optimizer step;
-    #    --ppo-epochs repeats this on the same rollout.
-    metrics: dict[str, float] = {}
+    # 4-5. One optimizer step per mini-batch of whole groups (the teacher and the student
+    #    are the current weights at each), --ppo-epochs passes over the rollout.
+    lr, updates = optimizer.lr, []
+    rows_per_update = cfg.mini_batch_prompts * cfg.num_generations
     for _ in range(cfg.ppo_epochs):
-        optimizer.zero_grad()
-        epoch = backward_batch(policy, batch, advantages, ref_logp, old_logp, cfg, beta, timings)
-        epoch.update(optimizer.clip_and_step(cfg.grad_clip))
-        for k, v in epoch.items():
-            metrics[k] = metrics.get(k, 0.0) + v / cfg.ppo_epochs
+        for start in range(0, len(batch.completions), rows_per_update):
+            rows = slice(start, start + rows_per_update)
+            fixed = (None if x is None else x[rows] for x in (ref_logp, old_logp))
+            optimizer.zero_grad()
+            update = backward_batch(policy, batch.rows(rows), advantages[rows], *fixed, cfg, beta, timings)
+            update.update(optimizer.clip_and_step(cfg.grad_clip))
+            if policy.ema is not None and not update["skipped_step"]:
+                policy.ema.update()
+            updates.append(update)
+    optimizer.end_training_step()
+    metrics = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0]}  # mean over updates
     n_tokens = float(batch.response_mask.sum())
     groups = rewards.view(-1, cfg.num_generations)  # [B, G]
     metrics = {
@@ -111,6 +125,7 @@ def sdpg_step(
         "response_len": n_tokens / batch.response_ids.shape[0],
         "truncated": float(batch.truncated.float().mean()),
         "beta": beta,
+        "lr": lr,
         "generate_s": t_sampled - t0,
         "step_s": clock() - t0,
         "tokens_per_s": n_tokens / max(t_sampled - t0, 1e-9),
@@ -129,11 +144,12 @@ def backward_batch(
     beta: float,
     timings: dict[str, float],
 ) -> dict[str, float]:
-    """Stage 4: the gradient of the batch's loss, one micro-batch at a time.
+    """Stage 4: the gradient of a (mini-)batch's loss, one micro-batch at a time.
 
-    Each micro-batch's loss is divided by the whole batch's token count (row count for
-    seq-mean-token-mean), so the summed gradients are those of the batch mean whatever
-    --micro-batch is. Returns the loss and token-weighted means of the other metrics.
+    Each micro-batch's loss is divided by the whole (mini-)batch's token count (row count
+    for seq-mean-token-mean), so the summed gradients are those of the mini-batch mean
+    whatever --micro-batch is. Returns the loss and token-weighted means of the other
+    metrics.
     """
     mask = batch.response_mask  # [B*G, T]
     normalizer = float(mask.sum()) if cfg.loss_agg == "token-mean" else float(mask.shape[0])
@@ -199,6 +215,7 @@ def micro_batch_backward(
         clip_c=cfg.clip_c,
         agg=cfg.loss_agg,
         normalizer=normalizer,
+        kl_clamp=cfg.kl_clamp,
     )
     loss.backward()
     timings["teacher_s"] = timings.get("teacher_s", 0.0) + t1 - t0
@@ -220,32 +237,41 @@ def batched_logprobs(model, batch: RolloutBatch, cfg: Config) -> Tensor:
 # ---------------------------------------------------------------- evaluation
 
 
+EVAL_ROWS = 256  # responses per generate call in evaluation: bounds the KV cache with k = 32
+
+
 @torch.no_grad()
 def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, reward_fn) -> dict[str, float]:
-    """Held-out accuracy: mean@k at the training temperature and greedy; and the teacher
-    view's greedy accuracy, to see whether the teacher still knows more than the student."""
-    settings = [
-        (f"eval_mean@{cfg.eval_samples}", cfg.temperature, cfg.eval_samples, "student"),
-        ("eval_greedy", 0.0, 1, "student"),
-        ("eval_teacher_greedy", 0.0, 1, "teacher"),
-    ]
-    scores: dict[str, list[float]] = {key: [] for key, *_ in settings}
-    for s in range(0, len(examples), 32):
-        chunk = examples[s : s + 32]
-        for key, temperature, k, view in settings:
+    """Held-out accuracy: mean@k and pass@k (k samples at the training temperature; pass@k
+    is the share of prompts with at least one right answer), greedy accuracy, and the
+    teacher view's greedy accuracy, to see whether the teacher still knows more than the
+    student."""
+    k = cfg.eval_samples
+    settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
+    settings.append(("teacher_greedy", 0.0, 1, "teacher"))
+    scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
+    per_call = max(1, EVAL_ROWS // k)
+    for s in range(0, len(examples), per_call):
+        chunk = examples[s : s + per_call]
+        for name, temperature, n, view in settings:
             b = rollout(
                 policy.model,
                 policy.tokenizer,
                 chunk,
-                k,
+                n,
                 cfg.max_new_tokens,
                 temperature,
                 cfg.top_p,
                 cfg.seed + s,
                 view=view,
             )
-            scores[key] += [reward_fn(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
-    return {key: sum(v) / len(v) for key, v in scores.items()}
+            scores[name] += [reward_fn(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
+    sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
+    return {
+        f"eval_mean@{k}": float(sampled.mean()),
+        f"eval_pass@{k}": float((sampled.amax(1) == 1).float().mean()),
+        **{f"eval_{name}": sum(v) / len(v) for name, v in scores.items()},
+    }
 
 
 def format_accuracy(evaluation: dict[str, float]) -> str:
@@ -294,7 +320,7 @@ def train(
                 raise TrainingError(bad_steps_message(cfg, out_dir))
             if ctrl_c.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 saved = run_folder.save_checkpoint(
-                    out_dir, done, policy.model, optimizer, settings, cfg.keep_checkpoints
+                    out_dir, done, policy.model, optimizer, settings, cfg.keep_checkpoints, policy.ema
                 )
             if ctrl_c.requested:
                 print(
@@ -330,7 +356,12 @@ def run(args) -> int:
     out_dir, resume_from = run_folder.open_run(settings)
     reward_fn = make_reward_fn(args.verifier, args.last_number_fallback)
     train_set, eval_set = data.load_splits(
-        args.data, args.eval_data, args.eval_size, args.seed, args.gsm8k_solution_context
+        args.data,
+        args.eval_data,
+        args.eval_size,
+        args.seed,
+        args.gsm8k_solution_context,
+        args.context_template,
     )
     path, tokenizer = load_tokenizer(args)
     train_set = data.drop_long_prompts(train_set, tokenizer, args.max_prompt_length, "train")
@@ -338,10 +369,12 @@ def run(args) -> int:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy = load_policy(args, path, tokenizer)
-    optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay)
+    optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
+    if cfg.teacher == "ema":
+        policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
     start = 0
     if resume_from is not None:
-        start = run_folder.load_checkpoint(resume_from, policy.model, optimizer)
+        start = run_folder.load_checkpoint(resume_from, policy.model, optimizer, policy.ema)
         run_folder.truncate_logs(out_dir, start)
         print(f"resumed from {resume_from} at step {start}")
     return train(policy, optimizer, train_set, eval_set, cfg, reward_fn, out_dir, settings, start)

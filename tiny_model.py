@@ -23,18 +23,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from data import (
-    DEFAULT_CONTEXT,
-    INSTRUCTION,
-    Example,
-    arithmetic_example,
-    arithmetic_split,
-    encode,
-    prompt_texts,
-)
+from data import Example, arithmetic_split, encode, prompt_texts
 
 EOS = "<|endoftext|>"
-TINY_VERSION = "v3"  # bump when the recipe changes, so caches rebuild
+TINY_VERSION = "v4"  # bump when the recipe changes, so caches rebuild
 WARM_START_STEPS = 800
 QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
@@ -43,13 +35,16 @@ QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact patt
 
 
 def tokenizer_corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """Text the tokenizer learns from: both prompt views and answers of the task."""
-    rng = random.Random(seed)
+    """Text the tokenizer learns from: both prompt views and answers of the task, in the
+    template-free rendering the tiny model reads."""
+
+    class NoTemplate:  # data.render falls back to plain text without a chat template
+        chat_template = None
+
     out = []
-    for _ in range(n):
-        ex = arithmetic_example(rng)
-        context = DEFAULT_CONTEXT.format(answer=ex.answer)
-        out.append(f"Question: {ex.question}\n{context}\n{INSTRUCTION}\nAnswer: \\boxed{{{ex.answer}}}")
+    for ex in arithmetic_split(n, "train", seed=seed):
+        student, teacher = prompt_texts(NoTemplate(), ex)
+        out.append(f"{student} {teacher} \\boxed{{{ex.answer}}}")
     return out
 
 

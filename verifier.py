@@ -5,7 +5,8 @@ final answer that reward is a rule: pull the final answer out of the completion,
 both it and the gold answer in a canonical form, compare.
 
 Extraction, first rule that finds something wins:
-  1. the last balanced \\boxed{...} (or \\fbox{...}), nested braces allowed;
+  1. the last balanced \\boxed{...} (or \\fbox{...}), nested braces allowed, braces that
+     wrap the whole answer dropped (\\boxed{{5}} is 5);
   2. GSM8K's "#### 42";
   3. "... the answer is 42";
   4. optionally (on by default, off for MATH-style data) the last number in the text.
@@ -88,6 +89,17 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+def _unwrap_braces(content: str) -> str:
+    """'{{5}}' -> '5': drop brace pairs that wrap the whole answer (some models double them)."""
+    content = content.strip()
+    while content.startswith("{"):
+        inner = _box_content(content, 0)
+        if inner is None or len(inner) != len(content) - 2:  # '{a}{b}' is not wrapped
+            break
+        content = inner.strip()
+    return content
+
+
 def _last_number(text: str) -> str | None:
     """The last number in the text, found by one regex search over the reversed string."""
     m = _LAST_NUMBER_REVERSED.search(text[::-1])
@@ -99,7 +111,7 @@ def extract_answer(completion: str, last_number_fallback: bool = True) -> tuple[
     text = completion.replace("\u2212", "-")
     boxed = _last_boxed(text)
     if boxed is not None:
-        return boxed, "boxed"
+        return _unwrap_braces(boxed), "boxed"
     pos = text.rfind("####")
     if pos >= 0:
         return text[pos + 4 :].split("\n", 1)[0][:MAX_BOX].strip(), "####"

@@ -248,7 +248,7 @@ def test_group_advantages_bad_sizes():
 
 
 def ppo_reference(lp, olp, a, el=0.2, eh=0.28, c=10.0):
-    r = math.exp(lp - olp)
+    r = math.exp(min(max(lp - olp, -20.0), 20.0))  # the authors clamp the log-ratio to +-20
     loss = max(-a * r, -a * min(max(r, 1 - el), 1 + eh))
     return min(loss, c * abs(a)) if a < 0 else loss
 
@@ -285,6 +285,25 @@ def test_dual_clip_regions(ratio, adv, region):
     clipped = region in ("A>0 clipped high", "A<0 clipped low", "A<0 ratio > c: dual clip")
     assert (lp.grad.abs().item() == 0) == clipped  # clipped tokens carry no gradient
     assert stats["clipfrac_lower"].item() == (1.0 if "dual" in region else 0.0)
+
+
+@pytest.mark.parametrize(
+    "log_ratio, adv", [(19.5, -1.0), (25.0, -1.0), (1000.0, -1.0), (-19.5, 1.0), (-25.0, 1.0)]
+)
+def test_log_ratio_is_clamped_at_20(log_ratio, adv):
+    """Beyond +-20 the ratio is e^+-20 and carries no gradient; inside it does. With c = inf
+    the dual clip does not hide the clamp; A > 0 below 1 - eps is not PPO-clipped."""
+    lp = torch.tensor([[log_ratio]], dtype=D, requires_grad=True)
+    olp = torch.zeros(1, 1, dtype=D)
+    a = torch.tensor([adv], dtype=D)
+    loss, _ = clipped_policy_loss(lp, olp, a, torch.ones(1, 1), clip_c=math.inf)
+    expected = -adv * math.exp(min(max(log_ratio, -20.0), 20.0))
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.sum().backward()
+    inside = abs(log_ratio) < 20
+    assert (lp.grad.item() != 0) == inside
+    if inside:
+        assert lp.grad.item() == pytest.approx(expected, rel=1e-12)  # d(-A e^x)/dx = -A e^x
 
 
 def test_policy_loss_token_advantages_and_mask():
@@ -454,6 +473,20 @@ def test_normalizer_makes_micro_batches_sum_to_batch_loss():
         for i in range(4)
     )
     assert parts.item() == pytest.approx(full.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("kl_clamp", [20.0, None])
+def test_distillation_kl_is_clamped_at_20(kl_clamp):
+    lp = torch.zeros(1, 3, dtype=D, requires_grad=True)
+    kl = torch.tensor([[19.5, 20.0, 25.0]], dtype=D, requires_grad=True)
+    adv, mask = torch.zeros(1, dtype=D), torch.ones(1, 3, dtype=D)
+    loss, metrics = sdpg_loss(lp, lp.detach(), adv, mask, kl, beta=0.5, kl_clamp=kl_clamp)
+    seen = [min(k, kl_clamp or math.inf) for k in (19.5, 20.0, 25.0)]
+    assert loss.item() == pytest.approx(0.5 * sum(seen) / 3, rel=1e-12)
+    assert metrics["kl_distill"] == pytest.approx(sum(seen) / 3, rel=1e-12)
+    (g,) = torch.autograd.grad(loss, kl)
+    expected = [0.5 / 3, 0.5 / 3, 0.0 if kl_clamp else 0.5 / 3]  # the boundary value keeps its gradient
+    torch.testing.assert_close(g, torch.tensor([expected], dtype=D))
 
 
 def test_sdpg_loss_missing_inputs_are_errors():

@@ -40,7 +40,17 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
-    steps = ["--model", str(tiny_path), *RUN, "--steps", "5", "--save-every", "2"]
+    recipe = [
+        "--lr-warmup-steps",
+        "3",
+        "--teacher",
+        "ema",
+        "--mini-batch-prompts",
+        "1",
+        "--weight-decay",
+        "0.1",
+    ]
+    steps = ["--model", str(tiny_path), *RUN, *recipe, "--steps", "5", "--save-every", "2"]
     full, broken = tmp_path / "full", tmp_path / "broken"
     assert cli(*steps, "--output-dir", str(full)).returncode == 0
 
@@ -67,10 +77,13 @@ def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
     assert "resumed from" in resumed.stdout
     a, b = metrics(full), metrics(broken)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
-    keys = ("reward", "loss", "kl_distill", "pg_loss", "ref_kl", "grad_norm", "eval_mean@2", "eval_greedy")
+    keys = ("reward", "loss", "kl_distill", "pg_loss", "ref_kl", "grad_norm", "lr", "clipfrac", "eval_mean@2")
+    keys += ("eval_greedy", "eval_teacher_greedy")
     for ra, rb in zip(a, b, strict=True):
         assert {k: ra.get(k) for k in keys} == {k: rb.get(k) for k in keys}
     assert len(list((broken / "checkpoints").glob("step-*"))) == 2  # --keep-checkpoints 2
+    assert (latest_checkpoint(broken) / "teacher_ema.pt").exists()
+    assert [r["lr"] for r in a[1:]] == pytest.approx([0.0, 1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])
     assert (broken / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -226,8 +239,15 @@ def test_bad_data_fails_before_any_model_work(tmp_path):
         (["--steps", "ten"], "invalid int value"),
         (["--top-p", "0"], "0 < --top-p <= 1"),
         (["--teacher", "initial", "--full-finetune"], "use LoRA (drop --full-finetune)"),
-        (["--algo", "opd", "--print-verl-overrides"], "no key for --algo opd or --teacher initial"),
-        (["--teacher", "initial", "--print-verl-overrides"], "no key for --algo opd or --teacher initial"),
+        (["--algo", "opd", "--print-verl-overrides"], "no key for --algo opd"),
+        (["--teacher", "initial", "--print-verl-overrides"], "--teacher initial/ema"),
+        (["--teacher", "ema", "--print-verl-overrides"], "--teacher initial/ema"),
+        (["--kl-clamp", "0", "--print-verl-overrides"], "another --kl-clamp"),
+        (["--batch-prompts", "6", "--mini-batch-prompts", "4"], "must divide --batch-prompts 6"),
+        (["--teacher-ema-decay", "1"], "--teacher-ema-decay must be in [0, 1)"),
+        (["--context-template", "answer: {answr}"], "may only hold the field {answer}"),
+        (["--algo", "grpo", "--beta", "0.1"], "--algo grpo has no distillation term"),
+        (["--lr-warmup-steps", "-1"], "--lr-warmup-steps >= 0"),
     ],
 )
 def test_bad_flags(argv, words, tmp_path, capsys):

@@ -8,14 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 import data
-from data import (
-    DEFAULT_CONTEXT,
-    Example,
-    arithmetic_split,
-    file_examples,
-    prompt_texts,
-    split_teacher_context,
-)
+from data import CONTEXT_TEMPLATE, arithmetic_split, file_examples, plain_example, prompt_texts
 from errors import UsageError
 from rollout import (
     eos_ids,
@@ -29,8 +22,10 @@ from rollout import (
 from tiny_model import misconception, sft_rows, train_tokenizer
 
 EXAMPLES = [
-    Example("Ann has 12 pens and gets 30 more. How many pens now?", "42"),
-    Example("Ben buys 3 boxes of 11 coins. How many coins in all?", "33", context="It is 3 * 11 = 33."),
+    plain_example(
+        "Ann has 12 pens and gets 30 more. How many pens now?", "42", CONTEXT_TEMPLATE.format(answer="42")
+    ),
+    plain_example("Ben buys 3 boxes of 11 coins. How many coins in all?", "33", "It is 3 * 11 = 33."),
 ]
 
 
@@ -69,8 +64,9 @@ def test_left_pad():
 def test_prompt_views(tiny):
     _, tok = tiny
     student, teacher = prompt_texts(tok, EXAMPLES[0])
-    assert EXAMPLES[0].question in student and "42" not in student
-    assert DEFAULT_CONTEXT.format(answer="42") in teacher and "\\boxed{}" in teacher
+    assert EXAMPLES[0].question in student and "42" not in student.replace("\\boxed{42}", "")
+    assert CONTEXT_TEMPLATE.format(answer="42") in teacher and "\\boxed{}" in teacher
+    assert teacher.startswith(student.removesuffix("\nAnswer:"))  # the teacher reads x, then c
     _, teacher2 = prompt_texts(tok, EXAMPLES[1])
     assert "It is 3 * 11 = 33." in teacher2 and "The correct answer" not in teacher2
 
@@ -149,7 +145,7 @@ def test_teacher_kl_through_hidden_states_matches_logits(tiny):
 
 def test_left_padding_invariance(tiny):
     model, tok = tiny
-    short = Example("Eli has 5 pens. How many?", "5")
+    short = plain_example("Eli has 5 pens. How many?", "5", "5")
     b = rollout(model, tok, [*EXAMPLES, short], 2, 6, seed=5)
     together = student_logprobs(model, b, temperature=1.0)
     # row 4 is the short example, left-padded in the batch: rescore it alone, unpadded
@@ -213,26 +209,31 @@ def test_warm_start_rows_teach_one_misconception_per_fact(tiny):
     assert 0.11 < n_right / n_student < 0.19  # binomial sd ~0.01 around 0.15
 
 
-def test_file_examples_formats_and_errors(tmp_path):
+def test_file_examples_formats_and_errors(tmp_path, capsys):
     rows = [
         {"question": "1+1?", "answer": "2"},
         {"question": "2+2? [TEACHER_CONTEXT_TOKEN] It is four.", "answer": "4"},
         {"question": "3+3?", "answer": "6", "context": "Six."},
+        {"question": "  ", "answer": "1"},
+        {"question": "5+5?", "answer": ""},
     ]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     ex = file_examples(p)
-    assert [(e.question, e.answer, e.context) for e in ex] == [
-        ("1+1?", "2", None),
-        ("2+2?", "4", "It is four."),
-        ("3+3?", "6", "Six."),
-    ]
+    assert "skipped 2 of 5 rows with an empty question or answer" in capsys.readouterr().err
+    assert [(e.question, e.answer) for e in ex] == [("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6")]
+    contents = [e.messages[0]["content"] for e in ex]
+    assert contents[0].endswith("[TEACHER_CONTEXT_TOKEN]\n\n" + CONTEXT_TEMPLATE.format(answer="2"))
+    assert contents[1] == rows[1]["question"]  # the authors' format: used as it is
+    assert contents[2].endswith("[TEACHER_CONTEXT_TOKEN]\n\nSix.")
     csv = tmp_path / "d.csv"
     csv.write_text("question,answer\nwhat,7\n")
     assert file_examples(csv)[0].answer == "7"
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "x", "solution": "y"}))
-    with pytest.raises(UsageError, match="needs columns 'question' and 'answer'.*found prompt, solution"):
+    bad.write_text(json.dumps({"prompt_text": "x", "solution": "y"}))
+    with pytest.raises(
+        UsageError, match="needs columns 'question' and 'answer'.*found prompt_text, solution"
+    ):
         file_examples(bad)
     with pytest.raises(UsageError, match="not found"):
         file_examples(tmp_path / "missing.jsonl")
@@ -243,7 +244,85 @@ def test_file_examples_formats_and_errors(tmp_path):
     garbage.write_bytes(b"not parquet")
     with pytest.raises(UsageError, match="could not read"):
         file_examples(garbage)
-    assert split_teacher_context("q [TEACHER_CONTEXT_TOKEN] ") == ("q", None)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UsageError, match="holds no rows"):
+        file_examples(tmp_path / "empty.jsonl")
+    hollow = tmp_path / "hollow.jsonl"
+    hollow.write_text(json.dumps({"question": "", "answer": "3"}))
+    with pytest.raises(UsageError, match="every row has an empty question or answer"):
+        file_examples(hollow)
+
+
+QWEN_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+DAPO_PROMPT = (
+    "Solve the following math problem step by step. The last line of your response should be of the "
+    "form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{q}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
+
+
+def authors_views(messages):
+    """Their rl_dataset.py, transcribed: the boxed instruction replaces DAPO's, then the
+    first message holding the token is split there, once."""
+    boxed = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
+    dapo = (
+        "The last line of your response should be of the form Answer: $Answer (without quotes) where "
+        "$Answer is the answer to the problem."
+    )
+    messages = [dict(m, content=m["content"].replace(dapo, boxed, 1)) for m in messages]
+    for i, m in enumerate(messages):
+        if "[TEACHER_CONTEXT_TOKEN]" in m["content"]:
+            actor, context = m["content"].split("[TEACHER_CONTEXT_TOKEN]", 1)
+            student, teacher = [dict(x) for x in messages], [dict(x) for x in messages]
+            student[i]["content"], teacher[i]["content"] = actor, actor + context
+            return student, teacher
+    raise AssertionError("no token")
+
+
+def test_verl_parquet_in_the_authors_schema_gives_their_views_token_for_token(tiny, tmp_path):
+    import pandas as pd
+
+    _, tok = tiny
+    tok.chat_template = QWEN_LIKE_TEMPLATE
+    context = (
+        "The correct answer to this problem is: {a}\n"
+        "Use this to verify your reasoning, but show your full solution process."
+    )
+    rows = []
+    for i, (q, a) in enumerate([("What is 2 + 3? ", "5"), ("Find x if x - 4 = 9.", "13")]):
+        content = DAPO_PROMPT.format(q=q) + "[TEACHER_CONTEXT_TOKEN]" + context.format(a=a)
+        prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content}]
+        rows.append(
+            {
+                "data_source": "math_dapo",
+                "prompt": prompt if i == 0 else prompt[1:],
+                "ability": "math",
+                "reward_model": {"style": "rule", "ground_truth": a},
+                "extra_info": {"index": i},
+            }
+        )
+    rows.append({**rows[1], "reward_model": {"style": "rule", "ground_truth": ""}})  # cannot train
+    path = tmp_path / "math-dapo-teacher.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    examples = file_examples(path)
+    assert [e.answer for e in examples] == ["5", "13"]
+    b = rollout(*tiny, examples, 1, 3, seed=0)
+    for i, row in enumerate(rows[:2]):
+        student, teacher = authors_views(row["prompt"])
+        assert student[-1]["content"].endswith('"Answer:".')  # trailing text kept, nothing stripped
+        for view, ids, mask in (
+            (student, b.student_ids, b.student_mask),
+            (teacher, b.teacher_ids, b.teacher_mask),
+        ):
+            text = tok.apply_chat_template(view, tokenize=False, add_generation_prompt=True)
+            expected = tok(text, add_special_tokens=False)["input_ids"]
+            assert ids[i][mask[i].bool()].tolist() == expected
+    assert "\\boxed{}" in tok.decode(b.student_ids[0]) and "Answer: $Answer" not in tok.decode(
+        b.student_ids[0]
+    )
 
 
 def test_load_task_arithmetic_default_sizes():
@@ -274,6 +353,10 @@ def test_gsm8k_gold_and_context(monkeypatch):
     rows = [{"question": "Q1?", "answer": "Half of 48 is <<48/2=24>>24.\nSo 48+24 = 72.\n#### 72"}]
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: rows)
     (ex,) = data.load_task("gsm8k", "train")
-    assert (ex.question, ex.answer, ex.context) == ("Q1?", "72", None)
+    assert (ex.question, ex.answer) == ("Q1?", "72")
+    assert ex.messages[0]["content"].endswith(
+        "[TEACHER_CONTEXT_TOKEN]\n\n" + CONTEXT_TEMPLATE.format(answer="72")
+    )
     (ex,) = data.load_task("gsm8k", "train", solution_as_context=True)
-    assert ex.context.startswith("Half of 48") and ex.context.endswith("The final answer is 72.")
+    context = ex.messages[0]["content"].split("[TEACHER_CONTEXT_TOKEN]")[1]
+    assert context.startswith("\n\nHalf of 48") and context.endswith("The final answer is 72.")

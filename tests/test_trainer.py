@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 import cli
 import sdpg
 from data import arithmetic_split
-from policy import Optimizer, resolve_model_path
+from policy import EmaWeights, Optimizer, resolve_model_path
 from rollout import rollout, student_logprobs
 from tiny_model import TINY_VERSION, WARM_START_STEPS
 from verifier import reward
@@ -37,6 +37,7 @@ def split_params(model):
 
 
 def run_steps(args, n=2, reward_fn=varied_reward):
+    torch.manual_seed(0)  # the LoRA initialisation
     policy = load_small_policy(args)
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     before = split_params(policy.model)
@@ -67,24 +68,38 @@ def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
     assert not torch.allclose(student_logprobs(model, batch, 1.0), ref)  # the adapter did learn
 
 
-def naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live"):
+def naive_loss(
+    model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live", old_logp=None, ema=None
+):
     """The SDPG loss from full [B, T, V] logits in float64, written independently.
-    teacher="initial": the teacher is the model with its adapter switched off."""
+    teacher="initial": the model with its adapter switched off; "ema": the model with the
+    trainable weights replaced by `ema` (name -> tensor). old_logp: pi_old for an
+    off-policy ratio with DAPO's dual clip (None: on-policy, ratio 1)."""
 
     def logits(ids, mask):
         full, m = torch.cat([ids, batch.response_ids], 1), torch.cat([mask, batch.response_mask], 1)
         out = model(input_ids=full, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
         return out[:, ids.shape[1] - 1 : -1].double()  # [B, T, V]
 
-    log_p = torch.log_softmax(logits(batch.student_ids, batch.student_mask), -1)
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in (ema or {})}
     with torch.no_grad(), model.disable_adapter() if teacher == "initial" else nullcontext():
+        for n, w in (ema or {}).items():
+            params[n].copy_(w)
         log_q = torch.log_softmax(logits(batch.teacher_ids, batch.teacher_mask), -1)
+        for n, w in saved.items():
+            params[n].copy_(w)
+    log_p = torch.log_softmax(logits(batch.student_ids, batch.student_mask), -1)  # after the swap
     logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    ratio = torch.exp(logp - logp.detach())  # on-policy: 1, gradient of -A * ratio is -A dlogp
-    per_token = (
-        outcome * -adv[:, None].double() * ratio + beta * kl + alpha * 0.5 * (logp - ref_logp.double()) ** 2
-    )
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(max=20.0)
+    a = adv[:, None].double()
+    if old_logp is None:
+        pg = -a * torch.exp(logp - logp.detach())  # on-policy: ratio 1, gradient -A dlogp
+    else:
+        r = torch.exp((logp - old_logp.double()).clamp(-20, 20))
+        ppo = torch.maximum(-a * r, -a * r.clamp(0.8, 1.28))
+        pg = torch.where(a < 0, torch.minimum(ppo, -a * 10.0), ppo)
+    per_token = outcome * pg + beta * kl + alpha * 0.5 * (logp - ref_logp.double()) ** 2
     m = batch.response_mask.double()
     return (per_token * m).sum() / m.sum()
 
@@ -94,15 +109,17 @@ def grads_of(model):
 
 
 @pytest.mark.parametrize(
-    "algo, beta, alpha, teacher",
+    "algo, beta, alpha, teacher, off_policy",
     [
-        ("sdpg", 0.3, 0.2, "live"),
-        ("grpo", 0.0, 0.0, "live"),
-        ("opd", 0.5, 0.0, "live"),
-        ("sdpg", 0.7, 0.1, "initial"),
+        ("sdpg", 0.3, 0.2, "live", False),
+        ("sdpg", 0.3, 0.2, "live", True),
+        ("grpo", 0.0, 0.0, "live", True),
+        ("opd", 0.5, 0.0, "live", False),
+        ("sdpg", 0.7, 0.1, "initial", False),
+        ("sdpg", 0.7, 0.1, "ema", False),
     ],
 )
-def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha, teacher):
+def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha, teacher, off_policy):
     beta_flags = ["--beta", str(beta)] if beta else []
     args = make_args(tiny_path, "--algo", algo, "--alpha", str(alpha), "--teacher", teacher, *beta_flags)
     policy = load_small_policy(args)
@@ -111,23 +128,37 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    ema = None
+    if teacher == "ema":  # an average that differs from the live weights
+        policy.ema = EmaWeights(model.parameters(), 0.9)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for w in policy.ema.shadow:
+            w.add_(torch.randn_like(w) * 0.05)
+        ema = dict(zip(names, policy.ema.shadow, strict=True))
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 1.2, -1.1, 0.9])
     with model.disable_adapter():
         ref_logp = student_logprobs(model, batch, 1.0)
+    old_logp = None
+    if off_policy:  # pi_old ~1.5 nats away: every clip region, the dual clip included, is visited
+        old_logp = student_logprobs(model, batch, 1.0) + 1.5 * torch.randn(
+            ref_logp.shape, generator=torch.Generator().manual_seed(1)
+        )
     model.zero_grad()
     ref = ref_logp if alpha else None
-    metrics = sdpg.backward_batch(policy, batch, adv, ref, None, cli.config(args), beta, {})
+    metrics = sdpg.backward_batch(policy, batch, adv, ref, old_logp, cli.config(args), beta, {})
     ours = grads_of(model)
     model.zero_grad()
     outcome = 0.0 if algo == "opd" else 1.0
-    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome, teacher)
+    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome, teacher, old_logp, ema)
     expected.backward()
     theirs = grads_of(model)
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert set(ours) == set(theirs) and all("lora_" in n for n in ours)
     for n in ours:
         torch.testing.assert_close(ours[n].double(), theirs[n].double(), rtol=1e-4, atol=1e-7)
+    if off_policy:
+        assert 0 < metrics["clipfrac"] < 1 and metrics["clipfrac_lower"] > 0
 
 
 def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
@@ -205,7 +236,7 @@ def test_help_lists_every_flag_with_its_default():
         elif action.default is None:
             assert "(default: " in action.help, action.dest
         else:
-            assert f"(default: {action.default})" in flat, action.dest
+            assert f"(default: {' '.join(str(action.default).split())})" in flat, action.dest
 
 
 def test_print_verl_overrides():
@@ -226,12 +257,9 @@ def test_resolve_defaults_and_short_names():
     assert resolve_model_path("Qwen2.5-0.5B-Instruct", None, WARM_START_STEPS) == "Qwen/Qwen2.5-0.5B-Instruct"
     assert resolve_model_path("meta-llama/x", None, WARM_START_STEPS) == "meta-llama/x"
 
-    def resolved(*argv):
-        return cli.resolve(cli.build_parser().parse_args(list(argv)))
-
     args = resolved("--model", "Qwen2.5-0.5B")
     assert (args.data, args.lr, args.beta, args.alpha, args.kl_mode) == ("gsm8k", 1e-5, 1e-3, 1e-3, "urkl")
-    assert resolved("--model", "x", "--full-finetune").lr == cli.FULL_FINETUNE_LR
+    assert resolved("--model", "x", "--full-finetune").lr == cli.FULL_FINETUNE["lr"]
     args = resolved("--algo", "grpo")
     assert args.beta == 0.0 and args.alpha == 0.0
     assert args.last_number_fallback is True
@@ -286,3 +314,135 @@ def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
         assert m["skipped_step"] == 0.0 and m["ref_kl"] >= 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(torch.equal(ref_before[n], p) for n, p in reference.named_parameters())
+
+
+# ---------------------------------------------------------------- the authors' recipe
+
+
+def resolved(*argv):
+    return cli.resolve(cli.build_parser().parse_args(list(argv)))
+
+
+def test_explicit_flags_are_never_overridden():
+    assert resolved("--model", "x", "--full-finetune", "--lr", "1e-5").lr == 1e-5
+    ft = resolved("--model", "x", "--full-finetune")
+    assert (ft.lr, ft.weight_decay, ft.lr_warmup_steps) == (1e-6, 0.1, 10)  # the authors' recipe
+    assert resolved("--model", "x", "--full-finetune", "--weight-decay", "0").weight_decay == 0.0
+    grpo = resolved("--algo", "grpo", "--alpha", "1e-3")
+    assert (grpo.alpha, grpo.beta) == (1e-3, 0.0)
+    assert resolved("--algo", "grpo").alpha == 0.0
+    assert resolved("--kl-clamp", "0").kl_clamp is None and resolved().kl_clamp == 20.0
+    assert resolved("--batch-prompts", "8").mini_batch_prompts == 8
+
+
+def test_beta_schedule_reads_the_one_based_step(tiny_path):
+    """verl counts training steps from 1: warm-up is already non-zero at the first step, and a
+    decay reaches exactly 0 at the last."""
+    warm = run_steps(make_args(tiny_path, "--beta", "0.4", "--beta-warmup-steps", "4"))[3]
+    assert [m["beta"] for m in warm] == pytest.approx([0.1, 0.2])
+    decay = run_steps(make_args(tiny_path, "--beta", "0.4", "--beta-decay-steps", "2"))[3]
+    assert [m["beta"] for m in decay] == pytest.approx([0.2, 0.0])
+
+
+def test_mini_batches_step_from_the_rollouts_old_logprobs(tiny_path, monkeypatch):
+    """B = 2 prompts, one per mini-batch, two passes: 4 optimizer steps, every ratio's base
+    the log-probs of the weights before the first one."""
+    args = make_args(tiny_path, "--mini-batch-prompts", "1", "--ppo-epochs", "2", "--alpha", "0")
+    policy = load_small_policy(args)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    seen, steps = [], []
+    real_loss, real_step = sdpg.sdpg_loss, optimizer.clip_and_step
+    monkeypatch.setattr(
+        sdpg, "sdpg_loss", lambda lp, old, *a, **k: seen.append((lp, old)) or real_loss(lp, old, *a, **k)
+    )
+    monkeypatch.setattr(optimizer, "clip_and_step", lambda c: steps.append(1) or real_step(c))
+    metrics, batch, _ = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
+    assert len(steps) == 4 and metrics["clipfrac"] > 0  # the ratio moved off 1 and was clipped
+    with torch.no_grad():  # pi_old, recomputed from the weights before the step
+        for n, p in policy.model.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+        pi_old = student_logprobs(policy.model, batch, 1.0)  # [B*G, T]
+    micro = args.micro_batch  # 3 rows of a 4-row mini-batch, then 1
+    rows = [slice(0, 3), slice(3, 4), slice(4, 7), slice(7, 8)] * 2
+    assert len(seen) == len(rows) == 8 and micro == 3
+    for (_, old), r in zip(seen, rows, strict=True):
+        torch.testing.assert_close(old, pi_old[r], atol=1e-5, rtol=1e-5)
+    assert torch.allclose(seen[0][0], seen[0][1], atol=1e-5)  # first update: ratio 1
+    assert not torch.allclose(seen[2][0], seen[2][1], atol=1e-3)  # second: the weights moved
+    single = run_steps(make_args(tiny_path), n=1)[3][0]
+    assert single["clipfrac"] == 0.0  # one update per rollout: the ratio is exactly 1
+
+
+def test_mini_batch_updates_do_not_depend_on_the_micro_batch(tiny_path, monkeypatch):
+    """Each optimizer step's gradient is its mini-batch's exact token-mean, whatever
+    --micro-batch is. (A tiny lr keeps Adam's sign-like first steps from amplifying float
+    noise in the weights the second update starts from.)"""
+    grads = []
+    real = Optimizer.clip_and_step
+
+    def capture(self, max_norm):
+        grads[-1].append({id(p): p.grad.clone() for p in self.params})
+        return real(self, max_norm)
+
+    monkeypatch.setattr(Optimizer, "clip_and_step", capture)
+    for micro in ("1", "8"):
+        grads.append([])
+        run_steps(
+            make_args(tiny_path, "--mini-batch-prompts", "1", "--micro-batch", micro, "--lr", "1e-7"), n=1
+        )
+    assert len(grads[0]) == len(grads[1]) == 2
+    for a, b in zip(grads[0], grads[1], strict=True):
+        for ga, gb in zip(a.values(), b.values(), strict=True):
+            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-7)
+
+
+def test_lr_warm_up_follows_verl_and_resumes_mid_way():
+    p = torch.nn.Parameter(torch.zeros(2))
+    opt = Optimizer([p], lr=1.0, weight_decay=0.0, warmup_steps=4)
+    lrs = []
+    for k in range(6):
+        lrs.append(opt.lr)
+        if k == 2:
+            state = opt.state_dict()
+            resumed = Optimizer([p], lr=1.0, weight_decay=0.0, warmup_steps=4)
+            resumed.load_state_dict(state)
+            assert resumed.lr == opt.lr
+        opt.end_training_step()
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    resumed.end_training_step()
+    assert resumed.lr == pytest.approx(0.75)
+
+
+def test_ema_weights_average_and_swap_back_exactly():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    ema = EmaWeights([p], decay=0.8)
+    expected = p.detach().clone()
+    for value in (3.0, -1.0, 0.5):
+        with torch.no_grad():
+            p.fill_(value)
+        ema.update()
+        expected = 0.8 * expected + 0.2 * value
+    torch.testing.assert_close(ema.shadow[0], expected, rtol=0, atol=1e-15)
+    with ema.swapped_in():
+        assert torch.equal(p.detach(), ema.shadow[0])
+    assert torch.equal(p.detach(), torch.full((2,), 0.5, dtype=torch.float64))
+    restored = EmaWeights([p], decay=0.8)
+    restored.load_state_dict(ema.state_dict())
+    assert torch.equal(restored.shadow[0], ema.shadow[0])
+
+
+def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
+    args = make_args(tiny_path, "--eval-samples", "3")
+    policy, calls = load_small_policy(args), []
+
+    def every_fifth(completion, gold):
+        calls.append(len(calls) % 5 == 0)
+        return float(calls[-1])
+
+    result = sdpg.evaluate(policy, EXAMPLES, cli.config(args), every_fifth)
+    sampled = torch.tensor(calls[: len(EXAMPLES) * 3], dtype=torch.float64).view(-1, 3)  # the first call
+    assert set(result) == {"eval_mean@3", "eval_pass@3", "eval_greedy", "eval_teacher_greedy"}
+    assert result["eval_mean@3"] == pytest.approx(float(sampled.mean()))
+    assert result["eval_pass@3"] == pytest.approx(float(sampled.amax(1).mean()))
