@@ -19,7 +19,8 @@ from losses import AGG_MODES, DEFAULT_CHUNK, KL_CLAMP, KL_MODES
 from policy import check_four_bit
 from tiny_model import WARM_START_STEPS
 
-ALGOS = ("sdpg", "grpo", "opd")
+ALGOS = ("sdpg", "grpo", "opd", "opsd", "rlsd")
+OPSD_ENTROPY_COEF = 0.02  # their OPSD script for Qwen3-4B, boxed answers (0.01 in the 1.7B one)
 TEACHERS = ("live", "initial", "ema")
 # Defaults that depend on the model: the tiny demo learns fast with a large lr and short
 # answers; a real model follows the paper's recipe scaled to one GPU with LoRA.
@@ -97,7 +98,11 @@ class Config:
     positive_adv_only: bool
     teacher: str
     teacher_ema_decay: float
-    kl_clamp: float
+    kl_clamp: float | None
+    entropy_coef: float
+    rlsd_lambda: float
+    rlsd_lambda_decay_steps: int
+    rlsd_eps_w: float
     eps_low: float
     eps_high: float
     clip_c: float
@@ -193,7 +198,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
 
     o = p.add_argument_group("the objective").add_argument
-    o("--algo", choices=ALGOS, default="sdpg", help="sdpg; grpo (beta = 0); opd (no outcome term)")
+    o(
+        "--algo",
+        choices=ALGOS,
+        default="sdpg",
+        help="sdpg; grpo (beta = alpha = 0); opd (no outcome term); opsd and rlsd: the paper's "
+        "self-distillation baselines as the authors compute them",
+    )
     o("--beta", type=float, default=None, help="distillation weight beta")
     o("--alpha", type=float, default=None, help="reference anchor weight alpha (grpo: 0)")
     o("--kl-mode", choices=KL_MODES, default="urkl", help="anchor f(log w)")
@@ -203,9 +214,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o(
         "--teacher",
         choices=TEACHERS,
-        default="live",
+        default=None,
         help="who reads the context: live = the current policy (the paper); initial = the reference "
-        "(adapter off); ema = an exponential moving average of the trained weights",
+        "(adapter off); ema = an exponential moving average of the trained weights (default: initial "
+        "for opsd, else live)",
     )
     o("--teacher-ema-decay", type=float, default=0.9, help="--teacher ema: decay per optimizer step")
     o(
@@ -214,6 +226,21 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default=KL_CLAMP,
         help="per-token distillation KL clamped at this many nats, as the authors do (0: off)",
     )
+    o(
+        "--entropy-coef",
+        type=float,
+        default=None,
+        help=f"entropy bonus: minus this times the mean token entropy (default: {OPSD_ENTROPY_COEF} "
+        "for opsd, as the authors' script, else 0)",
+    )
+    o("--rlsd-lambda", type=float, default=0.5, help="rlsd: initial mix of the teacher-reweighted advantage")
+    o(
+        "--rlsd-lambda-decay-steps",
+        type=int,
+        default=50,
+        help="rlsd: lambda decays linearly to 0 (0: constant)",
+    )
+    o("--rlsd-eps-w", type=float, default=0.2, help="rlsd: the teacher weight is clipped to 1 +- this")
     o("--eps-low", type=float, default=0.2, help="PPO clip below 1")
     o("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
     o("--clip-c", type=float, default=10.0, help="dual-clip bound for A < 0")
@@ -313,11 +340,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     input. A flag the user gave is never changed."""
     if args.output_dir is None:
         args.output_dir = f"runs/{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.algo == "grpo":
+    if args.algo in ("grpo", "opsd", "rlsd"):
         if args.beta not in (None, 0.0):
-            raise UsageError("--algo grpo has no distillation term: drop --beta or use --algo sdpg")
+            raise UsageError(f"--algo {args.algo} has no distillation term: drop --beta or use --algo sdpg")
+        if args.algo != "grpo" and args.alpha not in (None, 0.0):
+            raise UsageError(f"--algo {args.algo} has no reference anchor: drop --alpha or use --algo sdpg")
         args.beta = 0.0
         args.alpha = 0.0 if args.alpha is None else args.alpha
+    if args.teacher is None:
+        args.teacher = "initial" if args.algo == "opsd" else "live"
+    if args.entropy_coef is None:
+        args.entropy_coef = OPSD_ENTROPY_COEF if args.algo == "opsd" else 0.0
     preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
     for key, value in {**preset, **(FULL_FINETUNE if args.full_finetune else {})}.items():
         if getattr(args, key) is None:
@@ -368,10 +401,14 @@ def check(args: argparse.Namespace) -> None:
         or args.weight_decay < 0
         or args.lr_warmup_steps < 0
         or (args.kl_clamp or 0) < 0
+        or args.entropy_coef < 0
+        or args.rlsd_lambda_decay_steps < 0
+        or not 0 <= args.rlsd_eps_w < 1
     ):
         raise UsageError(
             "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --temperature > 0, "
-            "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0 and --kl-clamp >= 0"
+            "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0, --kl-clamp >= 0, "
+            "--entropy-coef >= 0, --rlsd-lambda-decay-steps >= 0 and 0 <= --rlsd-eps-w < 1"
         )
     check_four_bit(args.load_in_4bit)
     check_model_name(args.model)
@@ -393,22 +430,46 @@ def check_model_name(name: str) -> None:
 def verl_overrides(args: argparse.Namespace) -> list[str]:
     """The authors' verl recipe keys for the same run (see README); UsageError for a run
     that recipe cannot express."""
-    if args.algo == "opd" or args.teacher != "live" or args.kl_clamp != KL_CLAMP:
+    their_teacher = "initial" if args.algo == "opsd" else "live"
+    if args.algo == "opd" or args.teacher != their_teacher or args.kl_clamp != KL_CLAMP:
         raise UsageError(
-            "the verl recipe has no key for --algo opd, --teacher initial/ema or another --kl-clamp "
-            "(theirs is fixed at 20): print overrides for --algo sdpg or grpo with the live teacher"
+            "the verl recipe has no key for --algo opd, another --teacher than the algorithm's own "
+            "(live; opsd: initial) or another --kl-clamp (theirs is fixed at 20): drop those flags"
         )
     pl = "actor_rollout_ref.actor.policy_loss"
     actor = "actor_rollout_ref.actor"
+    mode = {"grpo": "vanilla"}.get(args.algo, args.algo)
+    keys = {
+        "sdpg": [
+            f"{pl}.beta={args.beta}",
+            f"{pl}.alpha={args.alpha}",
+            f"{pl}.kl_mode={args.kl_mode}",
+            f"{pl}.beta_warmup_steps={args.beta_warmup_steps}",
+            f"{pl}.beta_decay_steps={args.beta_decay_steps}",
+            f"{pl}.beta_distill_positive_advantage_only={str(args.positive_adv_only).lower()}",
+        ],
+        "opsd": [f"+{pl}.opsd_teacher_temperature=1.0"],
+        "rlsd": [
+            f"{pl}.rlsd_lambda={args.rlsd_lambda}",
+            f"{pl}.rlsd_lambda_decay_steps={args.rlsd_lambda_decay_steps}",
+            f"{pl}.rlsd_epsilon_w={args.rlsd_eps_w}",
+        ],
+    }.get(args.algo, [])
+    if args.algo == "grpo" and args.alpha:  # verl's own KL loss; its "mse" is our urkl anchor
+        if args.kl_mode != "urkl":
+            raise UsageError(
+                "the verl recipe has GRPO's anchor only as --kl-mode urkl (verl: kl_loss_type=mse)"
+            )
+        keys = [
+            f"{actor}.use_kl_loss=true",
+            f"{actor}.kl_loss_coef={args.alpha}",
+            f"{actor}.kl_loss_type=mse",
+        ]
     return [
         "algorithm.adv_estimator=grpo",
-        f"{pl}.loss_mode={'vanilla' if args.algo == 'grpo' else 'sdpg'}",
-        f"{pl}.beta={args.beta}",
-        f"{pl}.alpha={args.alpha}",
-        f"{pl}.kl_mode={args.kl_mode}",
-        f"{pl}.beta_warmup_steps={args.beta_warmup_steps}",
-        f"{pl}.beta_decay_steps={args.beta_decay_steps}",
-        f"{pl}.beta_distill_positive_advantage_only={str(args.positive_adv_only).lower()}",
+        f"{pl}.loss_mode={mode}",
+        *keys,
+        f"{actor}.entropy_coeff={args.entropy_coef}",
         f"{actor}.clip_ratio_low={args.eps_low}",
         f"{actor}.clip_ratio_high={args.eps_high}",
         f"{actor}.clip_ratio_c={args.clip_c}",

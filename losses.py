@@ -182,26 +182,32 @@ class _ChunkedHead(torch.autograd.Function):
 
         KL      = sum_v p (log p - log q)         dKL/dz      = p * (log p - log q - KL)
         logp[y] = log p(y)                        dlogp[y]/dz = onehot(y) - p
+        H       = -sum_v p log p                  dH/dz       = -p * (log p + H)
 
     and dz/dh = W / T, dz/dW = h / T. Only [N]- and [N, H]-sized tensors outlive a
     chunk, so memory is O(chunk * V), never O(N * V). Token n's outputs depend on h_n
     alone, so when only the hidden states need a gradient (LoRA: the head is frozen)
     forward also stores the per-token Jacobians dKL_n/dh_n and dlogp_n/dh_n ([N, H]
-    each) and backward is a weighted sum: no logits are recomputed. When the head
-    weight or bias needs a gradient (full fine-tuning), backward recomputes each chunk.
-    The teacher is stop-gradient: its hidden states get no gradient and the shared
-    weight is reached only through the student branch.
+    each; dH_n/dh_n too when the entropy has a gradient, e.g. for an entropy bonus) and
+    backward is a weighted sum: no logits are recomputed. When the head weight or bias
+    needs a gradient (full fine-tuning), backward recomputes each chunk. The teacher is
+    stop-gradient: its hidden states get no gradient and the shared weight is reached
+    only through the student branch.
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, weight, bias, targets, temperature, chunk_size, jacobians):
+    def forward(
+        ctx, student, teacher, weight, bias, targets, temperature, chunk_size, jacobians, entropy_grad
+    ):
         dtype = _compute_dtype(student)
         w = weight.to(dtype)  # [V, H]
         b = None if bias is None else bias.to(dtype)
         n = student.shape[0]
         kl, logp, entropy = (student.new_zeros(n, dtype=dtype) for _ in range(3))  # [N] each
-        jac_kl = student.new_zeros(student.shape, dtype=dtype) if jacobians else None  # [N, H]
-        jac_logp = student.new_zeros(student.shape, dtype=dtype) if jacobians else None  # [N, H]
+        jac = {}  # name -> [N, H] per-token Jacobian, on the Jacobian path only
+        if jacobians:
+            names = ["kl", "logp"] + (["entropy"] if entropy_grad else [])
+            jac = {k: student.new_zeros(student.shape, dtype=dtype) for k in names}
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             # teacher first: then at most three [n, V] tensors are alive at any moment
@@ -211,27 +217,33 @@ class _ChunkedHead(torch.autograd.Function):
                 logp[s:e] = log_p.gather(1, targets[s:e, None]).squeeze(1)
             p = log_p.exp()  # [n, V]
             entropy[s:e] = -_rowdot(p, log_p)
+            if "entropy" in jac:
+                jac["entropy"][s:e] = -((log_p + entropy[s:e, None]) * p) @ w / temperature  # dH/dz W / T
             if diff is not None:
                 torch.sub(log_p, diff, out=diff)  # log p - log q
                 kl[s:e] = _rowdot(p, diff)
-                if jacobians:
+                if jac:
                     diff -= kl[s:e, None]
                     diff *= p  # dKL/dz
-                    jac_kl[s:e] = (diff @ w) / temperature
-            if jacobians and targets is not None:
+                    jac["kl"][s:e] = (diff @ w) / temperature
+            if jac and targets is not None:
                 torch.neg(p, out=log_p).scatter_add_(1, targets[s:e, None], torch.ones_like(log_p[:, :1]))
-                jac_logp[s:e] = (log_p @ w) / temperature  # (onehot - p) W / T
-        ctx.save_for_backward(student, teacher, weight, bias, targets, kl, jac_kl, jac_logp)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(entropy)
+                jac["logp"][s:e] = (log_p @ w) / temperature  # (onehot - p) W / T
+        ctx.save_for_backward(student, teacher, weight, bias, targets, kl, entropy, *jac.values())
+        ctx.temperature, ctx.chunk_size, ctx.jacobian_names = temperature, chunk_size, list(jac)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(entropy)
         return kl, logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_kl, grad_logp, _grad_entropy):
-        student, teacher, weight, bias, targets, kl, jac_kl, jac_logp = ctx.saved_tensors
-        if jac_kl is not None:  # hidden states only: combine the stored Jacobians
-            grad_h = jac_kl * grad_kl[:, None] + jac_logp * grad_logp[:, None]  # [N, H]
-            return grad_h.to(student.dtype), None, None, None, None, None, None, None
+    def backward(ctx, grad_kl, grad_logp, grad_entropy):
+        student, teacher, weight, bias, targets, kl, entropy, *jacobians = ctx.saved_tensors
+        if jacobians:  # hidden states only: combine the stored Jacobians
+            jac = dict(zip(ctx.jacobian_names, jacobians, strict=True))
+            grad_h = jac["kl"] * grad_kl[:, None] + jac["logp"] * grad_logp[:, None]  # [N, H]
+            if "entropy" in jac and grad_entropy is not None:
+                grad_h += jac["entropy"] * grad_entropy[:, None]
+            return grad_h.to(student.dtype), *[None] * 8
         T, chunk = ctx.temperature, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dtype = kl.dtype
@@ -245,15 +257,19 @@ class _ChunkedHead(torch.autograd.Function):
             h = student[s:e].to(dtype)  # [n, H]
             g = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V] log q
             log_p = _chunk_log_softmax(h, w, b, T)  # [n, V]
+            # in place unless the entropy term still needs log p: one [n, V] tensor fewer
+            p = log_p.exp() if grad_entropy is not None else log_p.exp_()  # [n, V]
             if g is not None:
                 torch.sub(log_p, g, out=g)
                 g -= kl[s:e, None]  # log p - log q - KL
-                p = log_p.exp_()  # [n, V], in place: log_p is not needed any more
                 g *= p
                 g *= grad_kl[s:e, None].to(dtype)  # dKL/dz * dL/dKL
             else:
-                p = log_p.exp_()
                 g = torch.zeros_like(p)
+            if grad_entropy is not None:
+                log_p += entropy[s:e, None]
+                log_p *= p
+                g.addcmul_(log_p, grad_entropy[s:e, None].to(dtype), value=-1.0)  # dH/dz * dL/dH
             if targets is not None:
                 gl = grad_logp[s:e, None].to(dtype)  # [n, 1]
                 g.addcmul_(p, gl, value=-1.0)  # - p dlogp
@@ -268,7 +284,7 @@ class _ChunkedHead(torch.autograd.Function):
         grad_h = grad_h.to(student.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, None, grad_w, grad_b, None, None, None, None
+        return grad_h, None, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_head(
@@ -279,14 +295,16 @@ def chunked_head(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunked pass over the LM head: (logp [N], kl [N], entropy [N]).
 
     student_hidden, teacher_hidden: [N, H] final hidden states of the N response tokens
     (already masked and flattened); weight: [V, H]; targets: [N] sampled token ids.
     logp is log p(targets) (zeros if targets is None), kl is KL(p || SG[q]) (zeros if
-    teacher_hidden is None), entropy is -sum p log p (no gradient). Everything is
-    computed in float32 (float64 stays float64) whatever the input dtype.
+    teacher_hidden is None), entropy is -sum p log p (with a gradient only when
+    entropy_grad, for an entropy bonus). Everything is computed in float32 (float64
+    stays float64) whatever the input dtype.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -294,7 +312,7 @@ def chunked_head(
     head_needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     jacobians = torch.is_grad_enabled() and student_hidden.requires_grad and not head_needs_grad
     kl, logp, entropy = _ChunkedHead.apply(
-        student_hidden, teacher, weight, bias, targets, temperature, chunk_size, jacobians
+        student_hidden, teacher, weight, bias, targets, temperature, chunk_size, jacobians, entropy_grad
     )
     return logp, kl, entropy
 
@@ -383,4 +401,103 @@ def sdpg_loss(
     loss = _aggregate(per_token, mask, agg, normalizer)
     metrics.update({k: float(v) for k, v in stats.items()})
     metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- the paper's baselines
+# Both read only the sampled token's log-prob under the teacher view, never the full
+# vocabulary, and both follow the authors' verl code (core_algos.py) line for line.
+
+
+def _teacher_gap(teacher_logp: Tensor, old_logp: Tensor) -> Tensor:
+    """log pi_T(y_t | c, x) - log pi_old(y_t | x), no gradient, NaN -> 0 (a token both
+    give probability 0), clamped to +-LOG_RATIO_CLAMP."""
+    gap = (teacher_logp - old_logp).detach().nan_to_num(0.0)
+    return gap.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+
+
+def opsd_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    normalizer: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """OPSD (On-Policy Self-Distillation) with the authors' stability fixes:
+
+        w_t = clamp(log pi_ref(y_t | c, x) - log pi_old(y_t | x), 0, 20)     no gradient
+        r_t = exp(clamp(log pi_theta - log pi_old, -20, 20))
+        L_t = -w_t min(r_t, clip(r_t, 1 - eps_low, 1 + eps_high))         only where A > 0
+
+    The teacher is the frozen reference reading the context; the reward gate keeps only
+    responses with a positive group advantage; the loss is the mean over the gated tokens
+    (normalizer: their count in the whole (mini-)batch under micro-batching). Shapes: [B, T],
+    advantages [B]. Metrics: opsd_weight, the mean w_t over gated tokens.
+    """
+    gate = (advantages > 0).to(logp.dtype)[:, None]  # [B, 1]
+    gated = mask.to(logp.dtype) * gate  # [B, T]
+    weight = _teacher_gap(teacher_logp, old_logp).clamp(min=0.0).masked_fill(~mask.bool(), 0.0)  # [B, T]
+    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).nan_to_num(1.0)
+    per_token = -weight * torch.minimum(ratio, ratio.clamp(1.0 - eps_low, 1.0 + eps_high))  # [B, T]
+    loss = _aggregate(per_token, gated, "token-mean", normalizer)
+    metrics = {
+        "pg_loss": float(masked_mean(per_token.detach(), gated)),
+        "opsd_weight": float(masked_mean(weight, gated)),
+        "ratio": float(masked_mean(ratio.detach(), gated)),
+        "loss": float(loss.detach()),
+    }
+    return loss, metrics
+
+
+def rlsd_lambda(step: int, lam: float, decay_steps: int) -> float:
+    """lambda(k) = lam * max(0, 1 - k / K) at the 1-based step k; K = 0: constant."""
+    return lam * max(0.0, 1.0 - step / decay_steps) if decay_steps > 0 else lam
+
+
+def rlsd_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    lam: float,
+    eps_w: float = 0.2,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    clip_c: float = 10.0,
+    agg: str = "token-mean",
+    normalizer: float | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """RLSD (RLVR with Self-Distillation): the teacher only rescales each token's advantage.
+
+        delta_t = clamp(log pi_T(y_t | c, x) - log pi_old(y_t | x), -20, 20)    no gradient
+        w_t     = exp(clamp(sign(A) delta_t, -20, 20))
+        Ahat_t  = A clip(w_t, 1 - eps_w, 1 + eps_w)
+        A_t     = (1 - lambda) A + lambda Ahat_t
+
+    then the DAPO dual-clip surrogate of `clipped_policy_loss` on A_t. The teacher is the
+    policy at the start of the step reading the context; the verifier's advantage keeps
+    the direction, the teacher changes the magnitude by at most eps_w. Shapes: [B, T],
+    advantages [B].
+    """
+    adv = advantages[:, None].expand_as(logp)  # [B, T]
+    delta = _teacher_gap(teacher_logp, old_logp)  # [B, T]
+    weight = torch.exp((torch.sign(adv) * delta).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
+    mixed = (1.0 - lam) * adv + lam * adv * weight.clamp(1.0 - eps_w, 1.0 + eps_w)  # [B, T]
+    pg, stats = clipped_policy_loss(logp, old_logp, mixed, mask, eps_low, eps_high, clip_c)
+    loss = _aggregate(pg, mask, agg, normalizer)
+    outside = (weight < 1.0 - eps_w) | (weight > 1.0 + eps_w)
+    metrics = {
+        "pg_loss": float(masked_mean(pg.detach(), mask)),
+        "rlsd_delta": float(masked_mean(delta, mask)),
+        "rlsd_weight": float(masked_mean(weight, mask)),
+        "rlsd_weight_clipfrac": float(masked_mean(outside.to(logp.dtype), mask)),
+        **{k: float(v) for k, v in stats.items()},
+        "loss": float(loss.detach()),
+    }
     return loss, metrics

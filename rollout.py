@@ -184,33 +184,41 @@ def score_tokens(
     teacher_hidden: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, kl, entropy), each [B, T] and 0 on masked tokens, through the chunked head.
 
-    Uses the sampling temperature, as the policy that produced the tokens did.
+    Uses the sampling temperature, as the policy that produced the tokens did; the
+    entropy carries a gradient only with entropy_grad (an entropy bonus).
     """
     m = response_mask.to(hidden.device).bool()  # [B, T]
     teacher = None if teacher_hidden is None else teacher_hidden[m]  # [N, H]
     targets = response_ids.to(hidden.device)[m]  # [N]
-    flat = chunked_head(hidden[m], head.weight, targets, teacher, head.bias, temperature, chunk_size)
+    flat = chunked_head(
+        hidden[m], head.weight, targets, teacher, head.bias, temperature, chunk_size, entropy_grad
+    )
     zeros = torch.zeros(m.shape, dtype=flat[0].dtype, device=hidden.device)  # [B, T]
     return tuple(zeros.masked_scatter(m, x) for x in flat)  # type: ignore[return-value]
 
 
-def student_logprobs(
+@torch.no_grad()
+def response_logprobs(
     model: PreTrainedModel,
     batch: RolloutBatch,
     temperature: float,
     chunk_size: int = DEFAULT_CHUNK,
+    view: str = "student",
 ) -> Tensor:
-    """log pi(y_t | x, y<t) [B*G, T] of the sampled tokens under the student prompt, no grad:
-    the reference's (adapter off) or pi_old's log-probs."""
-    with torch.no_grad():
-        h = response_hidden(
-            model, batch.student_ids, batch.student_mask, batch.response_ids, batch.response_mask
-        )  # [B*G, T, H]
-        head = model.get_output_embeddings()
-        logp, _, _ = score_tokens(
-            head, h, batch.response_ids, batch.response_mask, None, temperature, chunk_size
-        )
-        return logp  # [B*G, T]
+    """log pi(y_t | prompt, y<t) [B*G, T] of the sampled tokens, no grad, the prompt being
+    the student view (reference or pi_old log-probs) or the teacher view (OPSD, RLSD)."""
+    prompt_ids, prompt_mask = (
+        (batch.teacher_ids, batch.teacher_mask)
+        if view == "teacher"
+        else (batch.student_ids, batch.student_mask)
+    )
+    h = response_hidden(
+        model, prompt_ids, prompt_mask, batch.response_ids, batch.response_mask
+    )  # [B*G, T, H]
+    head = model.get_output_embeddings()
+    logp, _, _ = score_tokens(head, h, batch.response_ids, batch.response_mask, None, temperature, chunk_size)
+    return logp  # [B*G, T]

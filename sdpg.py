@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,7 +45,7 @@ import data
 import run_folder
 from cli import Config
 from errors import TrainingError, UsageError
-from losses import beta_schedule, group_advantages, masked_mean, sdpg_loss
+from losses import beta_schedule, group_advantages, masked_mean, opsd_loss, rlsd_lambda, rlsd_loss, sdpg_loss
 from policy import (
     EmaWeights,
     Optimizer,
@@ -56,7 +57,7 @@ from policy import (
     reference_role,
     teacher_role,
 )
-from rollout import RolloutBatch, response_hidden, rollout, score_tokens, student_logprobs
+from rollout import RolloutBatch, response_hidden, response_logprobs, rollout, score_tokens
 from verifier import make_reward_fn
 
 
@@ -80,21 +81,27 @@ def sdpg_step(
     )
     t_sampled = clock()
     # 2. Rewards, then advantages normalised within each group of G (float64: exact zeros
-    #    for flat groups).
+    #    for flat groups). The authors' schedules read the 1-based global step: a beta
+    #    warm-up starts at step 1 and a decay reaches 0 at the last step.
     rewards = torch.tensor([reward_fn(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)])
-    advantages = group_advantages(rewards.double(), cfg.num_generations).float()  # [B*G]
-    # The authors' schedules read the 1-based global step: warm-up starts at step 1 and a
-    # decay reaches 0 at the last step.
-    beta = beta_schedule(step + 1, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps)
-    # 3. Log-probs fixed for the step: the reference for the anchor, and pi_old, the policy
-    #    before the first update, as the PPO ratio's base. With one update per rollout the
-    #    base is the current log-prob, detached (ratio 1, as verl does on-policy).
+    scores = Scores(
+        advantages=group_advantages(rewards.double(), cfg.num_generations).float(),  # [B*G]
+        beta=beta_schedule(step + 1, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps),
+        lam=rlsd_lambda(step + 1, cfg.rlsd_lambda, cfg.rlsd_lambda_decay_steps),
+    )
+    # 3. Log-probs fixed for the step, no grad: the reference's for the anchor, pi_old (the
+    #    policy before the first update) as the PPO ratio's base, and for OPSD and RLSD the
+    #    sampled token's under the teacher view. With one update per rollout pi_old is the
+    #    current log-prob, detached (ratio 1, as verl does on-policy).
     n_updates = cfg.ppo_epochs * cfg.batch_prompts // cfg.mini_batch_prompts
-    ref_logp = None
     if cfg.alpha > 0:
         with reference_role(policy) as reference:
-            ref_logp = batched_logprobs(reference, batch, cfg)  # [B*G, T]
-    old_logp = batched_logprobs(policy.model, batch, cfg) if n_updates > 1 else None  # [B*G, T]
+            scores.ref_logp = batched_logprobs(reference, batch, cfg)  # [B*G, T]
+    if n_updates > 1:
+        scores.old_logp = batched_logprobs(policy.model, batch, cfg)  # [B*G, T]
+    if cfg.algo in ("opsd", "rlsd"):  # the authors score the teacher view at temperature 1
+        with teacher_role(policy, cfg.teacher) as teacher:
+            scores.teacher_logp = batched_logprobs(teacher, batch, cfg, view="teacher", temperature=1.0)
     timings = {"reference_s": clock() - t_sampled, "teacher_s": 0.0, "student_s": 0.0}
     # 4-5. One optimizer step per mini-batch of whole groups (the teacher and the student
     #    are the current weights at each), --ppo-epochs passes over the rollout.
@@ -103,9 +110,8 @@ def sdpg_step(
     for _ in range(cfg.ppo_epochs):
         for start in range(0, len(batch.completions), rows_per_update):
             rows = slice(start, start + rows_per_update)
-            fixed = (None if x is None else x[rows] for x in (ref_logp, old_logp))
             optimizer.zero_grad()
-            update = backward_batch(policy, batch.rows(rows), advantages[rows], *fixed, cfg, beta, timings)
+            update = backward_batch(policy, batch.rows(rows), scores.rows(rows), cfg, timings)
             update.update(optimizer.clip_and_step(cfg.grad_clip))
             if policy.ema is not None and not update["skipped_step"]:
                 policy.ema.update()
@@ -118,13 +124,13 @@ def sdpg_step(
         "step": step,
         "reward": float(rewards.mean()),
         "accuracy": float((rewards == 1).float().mean()),
-        "adv_std": float(advantages.std()),
+        "adv_std": float(scores.advantages.std()),
         "flat_groups": float((groups.amax(1) == groups.amin(1)).float().mean()),
         **metrics,
         **timings,
         "response_len": n_tokens / batch.response_ids.shape[0],
         "truncated": float(batch.truncated.float().mean()),
-        "beta": beta,
+        **algorithm_metrics(cfg, scores),
         "lr": lr,
         "generate_s": t_sampled - t0,
         "step_s": clock() - t0,
@@ -134,33 +140,55 @@ def sdpg_step(
     return metrics, batch, rewards
 
 
+@dataclass
+class Scores:
+    """What stays fixed for the whole step, per response: advantages [B*G], the step's
+    beta and RLSD lambda, and log-probs of the sampled tokens [B*G, T] (None: not used)."""
+
+    advantages: Tensor
+    beta: float = 0.0
+    lam: float = 0.0
+    ref_logp: Tensor | None = None
+    old_logp: Tensor | None = None
+    teacher_logp: Tensor | None = None
+
+    def rows(self, idx: slice) -> Scores:
+        sliced = {k: v[idx] if isinstance(v, Tensor) else v for k, v in vars(self).items()}
+        return Scores(**sliced)
+
+
+def algorithm_metrics(cfg: Config, scores: Scores) -> dict[str, float]:
+    """The step's schedule values, and OPSD's gate: the share of responses it trains on."""
+    if cfg.algo == "opsd":
+        return {"opsd_gate": float((scores.advantages > 0).float().mean())}
+    if cfg.algo == "rlsd":
+        return {"rlsd_lambda": scores.lam}
+    return {"beta": scores.beta}
+
+
 def backward_batch(
-    policy: Policy,
-    batch: RolloutBatch,
-    advantages: Tensor,
-    ref_logp: Tensor | None,
-    old_logp: Tensor | None,
-    cfg: Config,
-    beta: float,
-    timings: dict[str, float],
+    policy: Policy, batch: RolloutBatch, scores: Scores, cfg: Config, timings: dict[str, float]
 ) -> dict[str, float]:
     """Stage 4: the gradient of a (mini-)batch's loss, one micro-batch at a time.
 
     Each micro-batch's loss is divided by the whole (mini-)batch's token count (row count
-    for seq-mean-token-mean), so the summed gradients are those of the mini-batch mean
-    whatever --micro-batch is. Returns the loss and token-weighted means of the other
-    metrics.
+    for seq-mean-token-mean; for OPSD the tokens of responses with A > 0), so the summed
+    gradients are those of the mini-batch mean whatever --micro-batch is. Returns the
+    loss and token-weighted means of the other metrics.
     """
     mask = batch.response_mask  # [B*G, T]
-    normalizer = float(mask.sum()) if cfg.loss_agg == "token-mean" else float(mask.shape[0])
+    tokens = float(mask.sum())
+    if cfg.algo == "opsd":
+        normalizer = max(1.0, float((mask * (scores.advantages > 0)[:, None]).sum()))
+    else:
+        normalizer = tokens if cfg.loss_agg == "token-mean" else float(mask.shape[0])
     totals: dict[str, float] = {}
     for start in range(0, mask.shape[0], cfg.micro_batch):
         rows = slice(start, start + cfg.micro_batch)
-        fixed = (None if x is None else x[rows] for x in (ref_logp, old_logp))
         metrics = micro_batch_backward(
-            policy, batch.rows(rows), advantages[rows], *fixed, cfg, beta, normalizer, timings
+            policy, batch.rows(rows), scores.rows(rows), cfg, normalizer, max(1.0, tokens), timings
         )
-        share = float(mask[rows].sum()) / max(1.0, float(mask.sum()))
+        share = float(mask[rows].sum()) / max(1.0, tokens)
         for k, v in metrics.items():  # the loss is already this micro-batch's share
             totals[k] = totals.get(k, 0.0) + v * (1.0 if k == "loss" else share)
     return totals
@@ -169,18 +197,16 @@ def backward_batch(
 def micro_batch_backward(
     policy: Policy,
     mb: RolloutBatch,
-    advantages: Tensor,
-    ref_logp: Tensor | None,
-    old_logp: Tensor | None,
+    scores: Scores,
     cfg: Config,
-    beta: float,
     normalizer: float,
+    tokens: float,
     timings: dict[str, float],
 ) -> dict[str, float]:
     """Teacher (no grad) and student (grad) on one micro-batch, the loss, loss.backward()."""
     t0 = clock()
     teacher_h = None  # [b, T, H]
-    if beta > 0 or cfg.algo == "opd":
+    if scores.beta > 0 or cfg.algo == "opd":
         with torch.no_grad(), teacher_role(policy, cfg.teacher) as teacher:
             teacher_h = response_hidden(
                 teacher, mb.teacher_ids, mb.teacher_mask, mb.response_ids, mb.response_mask
@@ -196,39 +222,75 @@ def micro_batch_backward(
         teacher_h,
         cfg.temperature,
         cfg.kl_chunk_size,
+        entropy_grad=cfg.entropy_coef > 0,
     )  # [b, T] each
-    device = logp.device
-    loss, metrics = sdpg_loss(
-        logp,
-        logp.detach() if old_logp is None else old_logp.to(device),
-        advantages.to(device),
-        mb.response_mask.to(device),
-        kl if teacher_h is not None else None,
-        None if ref_logp is None else ref_logp.to(device),
-        beta=beta,
-        alpha=cfg.alpha,
-        kl_mode=cfg.kl_mode,
-        outcome_weight=0.0 if cfg.algo == "opd" else 1.0,
-        positive_adv_only=cfg.positive_adv_only,
-        eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high,
-        clip_c=cfg.clip_c,
-        agg=cfg.loss_agg,
-        normalizer=normalizer,
-        kl_clamp=cfg.kl_clamp,
-    )
+    device, mask = logp.device, mb.response_mask.to(logp.device)
+    fixed = {k: None if v is None else v.to(device) for k, v in vars(scores).items() if k.endswith("logp")}
+    old_logp = logp.detach() if fixed["old_logp"] is None else fixed["old_logp"]
+    advantages = scores.advantages.to(device)
+    if cfg.algo == "opsd":
+        loss, metrics = opsd_loss(
+            logp,
+            old_logp,
+            fixed["teacher_logp"],
+            advantages,
+            mask,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            normalizer=normalizer,
+        )
+    elif cfg.algo == "rlsd":
+        loss, metrics = rlsd_loss(
+            logp,
+            old_logp,
+            fixed["teacher_logp"],
+            advantages,
+            mask,
+            lam=scores.lam,
+            eps_w=cfg.rlsd_eps_w,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            clip_c=cfg.clip_c,
+            agg=cfg.loss_agg,
+            normalizer=normalizer,
+        )
+    else:  # SDPG, and GRPO (beta = alpha = 0) and opd (no outcome term) as its special cases
+        loss, metrics = sdpg_loss(
+            logp,
+            old_logp,
+            advantages,
+            mask,
+            kl if teacher_h is not None else None,
+            fixed["ref_logp"],
+            beta=scores.beta,
+            alpha=cfg.alpha,
+            kl_mode=cfg.kl_mode,
+            outcome_weight=0.0 if cfg.algo == "opd" else 1.0,
+            positive_adv_only=cfg.positive_adv_only,
+            eps_low=cfg.eps_low,
+            eps_high=cfg.eps_high,
+            clip_c=cfg.clip_c,
+            agg=cfg.loss_agg,
+            normalizer=normalizer,
+            kl_clamp=cfg.kl_clamp,
+        )
+    if cfg.entropy_coef > 0:  # a bonus: the mean entropy over all response tokens, subtracted
+        loss = loss - cfg.entropy_coef * (entropy * mask).sum() / tokens
     loss.backward()
     timings["teacher_s"] = timings.get("teacher_s", 0.0) + t1 - t0
     timings["student_s"] = timings.get("student_s", 0.0) + clock() - t1
-    metrics["entropy"] = float(masked_mean(entropy, mb.response_mask.to(device)))
+    metrics["entropy"] = float(masked_mean(entropy.detach(), mask))
     return metrics
 
 
-def batched_logprobs(model, batch: RolloutBatch, cfg: Config) -> Tensor:
-    """Student-view log-probs [B*G, T] of `model` (no grad), one micro-batch at a time."""
-    size = cfg.micro_batch
+def batched_logprobs(
+    model, batch: RolloutBatch, cfg: Config, view: str = "student", temperature: float | None = None
+) -> Tensor:
+    """Log-probs [B*G, T] of the sampled tokens under `model` reading `view` (no grad), one
+    micro-batch at a time; at the sampling temperature unless one is given."""
+    size, temperature = cfg.micro_batch, cfg.temperature if temperature is None else temperature
     parts = [
-        student_logprobs(model, batch.rows(slice(s, s + size)), cfg.temperature, cfg.kl_chunk_size).cpu()
+        response_logprobs(model, batch.rows(slice(s, s + size)), temperature, cfg.kl_chunk_size, view).cpu()
         for s in range(0, batch.response_ids.shape[0], size)
     ]
     return torch.cat(parts)  # [B*G, T]

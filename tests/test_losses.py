@@ -12,7 +12,10 @@ from losses import (
     clipped_policy_loss,
     group_advantages,
     kl_from_logits,
+    opsd_loss,
     reference_kl,
+    rlsd_lambda,
+    rlsd_loss,
     sdpg_loss,
 )
 
@@ -107,6 +110,46 @@ def test_chunked_head_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda h: kl_and_logp(h, w2, b2), (hs,), eps=1e-6, atol=1e-8
     )  # recompute path for the KL w.r.t. hidden states
+
+
+@pytest.mark.parametrize("head_grad", [False, True], ids=["jacobian-path", "recompute-path"])
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_entropy_gradient_matches_the_definition(head_grad, with_teacher):
+    """d/dh of sum_n c_n H_n + a_n logp_n (+ KL) against autograd through the float64
+    definition H = -sum_v p log p, on both backward paths."""
+    hs, ht, w, b, y = make_case(n=7, v=10, seed=4)
+    a, c = torch.linspace(-1, 1, 7, dtype=D), torch.linspace(0.5, 2.0, 7, dtype=D)
+
+    def objective(fn):
+        h, w1, b1 = hs.clone().requires_grad_(), w.clone().requires_grad_(head_grad), b.clone()
+        logp, kl, ent = fn(h, w1, b1)
+        ((ent * c).sum() + (logp * a).sum() + kl.sum()).backward()
+        return ent.detach(), h.grad, w1.grad
+
+    def definition(h, w1, b1):
+        log_p = torch.log_softmax((h @ w1.T + b1) / 0.8, -1)
+        log_q = torch.log_softmax((ht @ w1.T + b1).detach() / 0.8, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1) if with_teacher else torch.zeros(7, dtype=D)
+        return log_p.gather(1, y[:, None]).squeeze(1), kl, -(log_p.exp() * log_p).sum(-1)
+
+    def chunked(h, w1, b1):
+        teacher = ht if with_teacher else None
+        return chunked_head(h, w1, y, teacher, b1, 0.8, chunk_size=3, entropy_grad=True)
+
+    for expected, got in zip(objective(definition), objective(chunked), strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    h = hs.clone().requires_grad_()
+    entropy_only = lambda x: chunked_head(x, w, y, None, b, 0.8, 3, entropy_grad=True)[2]  # noqa: E731
+    assert torch.autograd.gradcheck(entropy_only, (h,), eps=1e-6, atol=1e-8)
+
+
+def test_entropy_has_no_gradient_unless_asked():
+    hs, _, w, b, y = make_case(n=4)
+    _, _, ent = chunked_head(hs.clone().requires_grad_(), w, y, None, b)
+    assert not ent.requires_grad
 
 
 def test_chunked_logp_and_entropy_match_log_softmax():
@@ -497,3 +540,109 @@ def test_sdpg_loss_missing_inputs_are_errors():
         sdpg_loss(lp, olp, adv, mask, kl, None, alpha=0.1)
     with pytest.raises(ValueError, match="token-mean"):
         sdpg_loss(lp, olp, adv, mask, agg="sum")
+
+
+# ---------------------------------------------------------------- OPSD and RLSD
+
+
+def baseline_case(seed=0):
+    """[3, 6] log-probs with padding, a NaN teacher token, and gaps and log-ratios at and
+    beyond the +-20 clamps."""
+    g = torch.Generator().manual_seed(seed)
+    olp = -torch.rand(3, 6, generator=g, dtype=D) * 3
+    lp = (olp + 0.4 * torch.randn(3, 6, generator=g, dtype=D)).detach()
+    lp[0, 1], lp[1, 2] = olp[0, 1] + 25.0, olp[1, 2] - 20.0  # log-ratio beyond / at the clamp
+    tlp = olp + 2.0 * torch.randn(3, 6, generator=g, dtype=D)
+    tlp[0, 0], tlp[0, 2], tlp[1, 0] = olp[0, 0] + 20.0, olp[0, 2] + 30.0, olp[1, 0] - 30.0
+    tlp[2, 1] = float("nan")
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=D)
+    return lp.requires_grad_(), olp, tlp, mask
+
+
+def clamp(x, lo, hi):
+    return min(max(x, lo), hi)
+
+
+def naive_opsd(lp, olp, tlp, adv, mask, el=0.2, eh=0.28):
+    """The authors' formula token by token: mean over tokens of responses with A > 0."""
+    terms = []
+    for i in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if mask[i, t] == 0 or adv[i] <= 0:
+                continue
+            gap = tlp[i, t].item() - olp[i, t].item()
+            w = clamp(0.0 if math.isnan(gap) else gap, 0.0, 20.0)
+            r = torch.exp((lp[i, t] - olp[i, t]).clamp(-20, 20))
+            terms.append(-w * torch.minimum(r, r.clamp(1 - el, 1 + eh)))
+    return torch.stack(terms).sum() / len(terms) if terms else torch.zeros((), dtype=D)
+
+
+def naive_rlsd(lp, olp, tlp, adv, mask, lam, eps_w=0.2, el=0.2, eh=0.28, c=10.0):
+    terms = []
+    for i in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if mask[i, t] == 0:
+                continue
+            gap = tlp[i, t].item() - olp[i, t].item()
+            delta = clamp(0.0 if math.isnan(gap) else gap, -20.0, 20.0)
+            a = adv[i].item()
+            w = math.exp(clamp(math.copysign(1.0, a) * delta if a else 0.0, -20.0, 20.0))
+            mixed = (1 - lam) * a + lam * a * clamp(w, 1 - eps_w, 1 + eps_w)
+            r = torch.exp((lp[i, t] - olp[i, t]).clamp(-20, 20))
+            ppo = torch.maximum(-mixed * r, -mixed * r.clamp(1 - el, 1 + eh))
+            terms.append(torch.minimum(ppo, torch.tensor(-mixed * c, dtype=D)) if mixed < 0 else ppo)
+    return torch.stack(terms).sum() / len(terms)
+
+
+@pytest.mark.parametrize("adv", [[1.0, -0.5, 2.0], [0.0, -1.0, 0.0], [0.7, 0.7, 0.7]])
+def test_opsd_loss_matches_the_authors_formula(adv):
+    lp, olp, tlp, mask = baseline_case()
+    adv = torch.tensor(adv, dtype=D)
+    loss, metrics = opsd_loss(lp, olp, tlp, adv, mask)
+    expected = naive_opsd(lp, olp, tlp, adv, mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-15)
+    (g,) = torch.autograd.grad(loss, lp)
+    if (adv > 0).any():
+        (g_ref,) = torch.autograd.grad(expected, lp)
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+        assert torch.isfinite(g).all() and metrics["opsd_weight"] >= 0
+    assert (g[adv <= 0] == 0).all() and (g[mask == 0] == 0).all()  # the reward gate, padding
+    assert math.isfinite(loss.item())
+
+
+def test_opsd_weight_clamps_at_0_and_20():
+    lp = torch.zeros(1, 4, dtype=D, requires_grad=True)
+    olp = torch.zeros(1, 4, dtype=D)
+    tlp = torch.tensor([[-3.0, 20.0, 25.0, float("nan")]], dtype=D)
+    loss, metrics = opsd_loss(lp, olp, tlp, torch.ones(1, dtype=D), torch.ones(1, 4, dtype=D))
+    assert metrics["opsd_weight"] == pytest.approx((0 + 20 + 20 + 0) / 4)
+    assert loss.item() == pytest.approx(-40 / 4)  # ratio 1
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("adv", [[1.0, -0.5, 2.0], [0.0, -1.0, 0.3]])
+def test_rlsd_loss_matches_the_authors_formula(lam, adv):
+    lp, olp, tlp, mask = baseline_case(seed=1)
+    adv = torch.tensor(adv, dtype=D)
+    loss, metrics = rlsd_loss(lp, olp, tlp, adv, mask, lam=lam)
+    expected = naive_rlsd(lp, olp, tlp, adv, mask, lam)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-15)
+    (g,) = torch.autograd.grad(loss, lp)
+    (g_ref,) = torch.autograd.grad(expected, lp)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+    assert (g[mask == 0] == 0).all() and 0 <= metrics["rlsd_weight_clipfrac"] <= 1
+
+
+def test_rlsd_with_lambda_0_is_the_dapo_loss():
+    lp, olp, tlp, mask = baseline_case(seed=2)
+    adv = torch.tensor([1.0, -0.5, 2.0], dtype=D)
+    loss, _ = rlsd_loss(lp, olp, tlp, adv, mask, lam=0.0)
+    pg, _ = clipped_policy_loss(lp, olp, adv, mask)
+    assert loss.item() == pytest.approx((pg.sum() / mask.sum()).item(), rel=1e-14)
+
+
+def test_rlsd_lambda_decays_linearly_to_zero():
+    assert rlsd_lambda(1, 0.5, 50) == pytest.approx(0.49)
+    assert rlsd_lambda(25, 0.5, 50) == pytest.approx(0.25)
+    assert rlsd_lambda(50, 0.5, 50) == 0.0 and rlsd_lambda(80, 0.5, 50) == 0.0
+    assert rlsd_lambda(80, 0.5, 0) == 0.5  # K = 0: constant

@@ -14,10 +14,10 @@ from rollout import (
     eos_ids,
     left_pad,
     response_hidden,
+    response_logprobs,
     response_mask,
     rollout,
     score_tokens,
-    student_logprobs,
 )
 from tiny_model import misconception, sft_rows, train_tokenizer
 
@@ -147,7 +147,7 @@ def test_left_padding_invariance(tiny):
     model, tok = tiny
     short = plain_example("Eli has 5 pens. How many?", "5", "5")
     b = rollout(model, tok, [*EXAMPLES, short], 2, 6, seed=5)
-    together = student_logprobs(model, b, temperature=1.0)
+    together = response_logprobs(model, b, temperature=1.0)
     # row 4 is the short example, left-padded in the batch: rescore it alone, unpadded
     row = 4
     keep = b.student_mask[row].bool()
@@ -157,7 +157,7 @@ def test_left_padding_invariance(tiny):
         b.student_mask[row : row + 1, keep],
     )
     assert alone.student_ids.shape[1] < b.student_ids.shape[1]  # it really was padded
-    torch.testing.assert_close(student_logprobs(model, alone, 1.0)[0], together[row], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(response_logprobs(model, alone, 1.0)[0], together[row], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- data and the tiny model

@@ -14,7 +14,7 @@ import cli
 import sdpg
 from data import arithmetic_split
 from policy import EmaWeights, Optimizer, resolve_model_path
-from rollout import rollout, student_logprobs
+from rollout import response_logprobs, rollout
 from tiny_model import TINY_VERSION, WARM_START_STEPS
 from verifier import reward
 
@@ -48,24 +48,30 @@ def run_steps(args, n=2, reward_fn=varied_reward):
     return policy.model, policy.tokenizer, before, metrics
 
 
-@pytest.mark.parametrize("algo", ["sdpg", "grpo", "opd"])
+@pytest.mark.parametrize("algo", ["sdpg", "grpo", "opd", "opsd", "rlsd"])
 def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
-    args = make_args(tiny_path, "--algo", algo, "--alpha", "0.01")
+    anchor = ["--alpha", "0.01"] if algo in ("sdpg", "grpo", "opd") else []
+    args = make_args(tiny_path, "--algo", algo, *anchor)
     model, tok, (lora0, base0), metrics = run_steps(args)
     lora1, base1 = split_params(model)
     assert lora0 and all(torch.equal(base0[n], base1[n]) for n in base0)
     assert any(not torch.equal(lora0[n], lora1[n]) for n in lora0)
     for m in metrics:
         assert m["skipped_step"] == 0.0 and torch.isfinite(torch.tensor(m["loss"]))
-        assert ("kl_distill" in m) == (algo != "grpo")
-        assert m["beta"] == (0.0 if algo == "grpo" else args.beta)
+        assert ("kl_distill" in m) == (algo in ("sdpg", "opd"))
+        if algo in ("sdpg", "grpo", "opd"):
+            assert m["beta"] == (0.0 if algo == "grpo" else args.beta)
+    if algo == "opsd":
+        assert all(0 <= m["opsd_gate"] <= 1 and m["opsd_weight"] >= 0 for m in metrics)
+    if algo == "rlsd":
+        assert [m["rlsd_lambda"] for m in metrics] == pytest.approx([0.5 * 49 / 50, 0.5 * 48 / 50])
     # the reference (adapter off) is still exactly the base model
     base_model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32)
     batch = rollout(base_model, tok, EXAMPLES[:2], 2, 6, seed=0)
     with model.disable_adapter():
-        ref = student_logprobs(model, batch, 1.0)
-    torch.testing.assert_close(ref, student_logprobs(base_model, batch, 1.0), rtol=0, atol=1e-6)
-    assert not torch.allclose(student_logprobs(model, batch, 1.0), ref)  # the adapter did learn
+        ref = response_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(ref, response_logprobs(base_model, batch, 1.0), rtol=0, atol=1e-6)
+    assert not torch.allclose(response_logprobs(model, batch, 1.0), ref)  # the adapter did learn
 
 
 def naive_loss(
@@ -138,15 +144,16 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 1.2, -1.1, 0.9])
     with model.disable_adapter():
-        ref_logp = student_logprobs(model, batch, 1.0)
+        ref_logp = response_logprobs(model, batch, 1.0)
     old_logp = None
     if off_policy:  # pi_old ~1.5 nats away: every clip region, the dual clip included, is visited
-        old_logp = student_logprobs(model, batch, 1.0) + 1.5 * torch.randn(
+        old_logp = response_logprobs(model, batch, 1.0) + 1.5 * torch.randn(
             ref_logp.shape, generator=torch.Generator().manual_seed(1)
         )
     model.zero_grad()
     ref = ref_logp if alpha else None
-    metrics = sdpg.backward_batch(policy, batch, adv, ref, old_logp, cli.config(args), beta, {})
+    scores = sdpg.Scores(adv, beta=beta, ref_logp=ref, old_logp=old_logp)
+    metrics = sdpg.backward_batch(policy, batch, scores, cli.config(args), {})
     ours = grads_of(model)
     model.zero_grad()
     outcome = 0.0 if algo == "opd" else 1.0
@@ -179,7 +186,7 @@ def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
         return h
 
     monkeypatch.setattr(sdpg, "response_hidden", spy)
-    sdpg.backward_batch(policy, batch, torch.ones(8), None, None, cli.config(args), 0.5, {})
+    sdpg.backward_batch(policy, batch, sdpg.Scores(torch.ones(8), beta=0.5), cli.config(args), {})
     teacher = [g for is_teacher, g in seen if is_teacher]
     student = [g for is_teacher, g in seen if not is_teacher]
     assert teacher and not any(teacher) and student and all(student)
@@ -195,13 +202,13 @@ def test_gradient_accumulation_is_micro_batch_invariant(tiny_path):
                 p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=11)
     with model.disable_adapter():
-        ref_logp = student_logprobs(model, batch, 1.0)
+        ref_logp = response_logprobs(model, batch, 1.0)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
     grads = []
     for micro in (8, 1, 3):
         cfg = cli.config(make_args(tiny_path, "--alpha", "0.1", "--micro-batch", str(micro)))
         model.zero_grad()
-        sdpg.backward_batch(policy, batch, adv, ref_logp, None, cfg, cfg.beta, {})
+        sdpg.backward_batch(policy, batch, sdpg.Scores(adv, beta=cfg.beta, ref_logp=ref_logp), cfg, {})
         grads.append(grads_of(model))
     for other in grads[1:]:
         for n in grads[0]:
@@ -237,6 +244,33 @@ def test_help_lists_every_flag_with_its_default():
             assert "(default: " in action.help, action.dest
         else:
             assert f"(default: {' '.join(str(action.default).split())})" in flat, action.dest
+
+
+@pytest.mark.parametrize(
+    "argv, keys",
+    [
+        (
+            ["--algo", "opsd"],
+            ["policy_loss.loss_mode=opsd", "opsd_teacher_temperature=1.0", "entropy_coeff=0.02"],
+        ),
+        (
+            ["--algo", "rlsd"],
+            ["loss_mode=rlsd", "rlsd_lambda=0.5", "rlsd_lambda_decay_steps=50", "rlsd_epsilon_w=0.2"],
+        ),
+        (
+            ["--algo", "grpo", "--alpha", "0.01"],
+            ["loss_mode=vanilla", "kl_loss_coef=0.01", "kl_loss_type=mse"],
+        ),
+        (
+            ["--mini-batch-prompts", "4"],
+            ["ppo_mini_batch_size=4", "data.train_batch_size=16", "weight_decay=0.0"],
+        ),
+    ],
+)
+def test_verl_overrides_map_every_algorithm(argv, keys):
+    lines = cli.verl_overrides(resolved(*argv))
+    for key in keys:
+        assert any(line.endswith(key) for line in lines), (key, lines)
 
 
 def test_print_verl_overrides():
@@ -363,7 +397,7 @@ def test_mini_batches_step_from_the_rollouts_old_logprobs(tiny_path, monkeypatch
         for n, p in policy.model.named_parameters():
             if n in before:
                 p.copy_(before[n])
-        pi_old = student_logprobs(policy.model, batch, 1.0)  # [B*G, T]
+        pi_old = response_logprobs(policy.model, batch, 1.0)  # [B*G, T]
     micro = args.micro_batch  # 3 rows of a 4-row mini-batch, then 1
     rows = [slice(0, 3), slice(3, 4), slice(4, 7), slice(7, 8)] * 2
     assert len(seen) == len(rows) == 8 and micro == 3
@@ -446,3 +480,106 @@ def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
     assert set(result) == {"eval_mean@3", "eval_pass@3", "eval_greedy", "eval_teacher_greedy"}
     assert result["eval_mean@3"] == pytest.approx(float(sampled.mean()))
     assert result["eval_pass@3"] == pytest.approx(float(sampled.amax(1).mean()))
+
+
+# ---------------------------------------------------------------- OPSD and RLSD in the step
+
+
+def full_logits_logprobs(model, prompt_ids, prompt_mask, batch):
+    """log pi(y_t) [B, T] of the sampled tokens from full logits at T = 1, float64."""
+    ids, m = torch.cat([prompt_ids, batch.response_ids], 1), torch.cat([prompt_mask, batch.response_mask], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
+    log_p = torch.log_softmax(logits[:, prompt_ids.shape[1] - 1 : -1].double(), -1)
+    return log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1) * batch.response_mask
+
+
+@pytest.mark.parametrize("algo", ["opsd", "rlsd"])
+def test_baselines_read_the_teacher_view_as_the_authors_do(tiny_path, monkeypatch, algo):
+    """OPSD's teacher is the reference (adapter off), RLSD's the policy at the start of the
+    step, both reading the teacher prompt at temperature 1 (here sampling runs at 0.7);
+    OPSD's loss is averaged over the tokens of responses with A > 0 only."""
+    args = make_args(tiny_path, "--algo", algo, "--temperature", "0.7")
+    torch.manual_seed(0)
+    policy = load_small_policy(args)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # the adapter matters: live and reference differ
+    seen = []
+    real = {"opsd": sdpg.opsd_loss, "rlsd": sdpg.rlsd_loss}[algo]
+    monkeypatch.setattr(sdpg, f"{algo}_loss", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    metrics, batch, rewards = sdpg.sdpg_step(
+        policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward
+    )
+    assert len(seen) == 3  # 8 rows in micro-batches of 3
+    teacher_logp = torch.cat([a[2] for a, _ in seen]).double()
+    assert teacher_logp.shape == batch.response_ids.shape
+    if algo == "opsd":
+        with policy.model.disable_adapter():
+            expected = full_logits_logprobs(policy.model, batch.teacher_ids, batch.teacher_mask, batch)
+        torch.testing.assert_close(teacher_logp, expected, rtol=1e-5, atol=1e-5)
+        adv = torch.cat([a[3] for a, _ in seen])
+        gated = float((batch.response_mask * (adv > 0)[:, None]).sum())
+        assert all(k["normalizer"] == max(1.0, gated) for _, k in seen)
+        assert metrics["opsd_gate"] == pytest.approx(float((adv > 0).float().mean()))
+    else:
+        assert all(k["lam"] == pytest.approx(0.49) for _, k in seen)
+        assert metrics["rlsd_lambda"] == pytest.approx(0.49)
+
+
+def test_rlsd_teacher_is_the_policy_at_the_start_of_the_step(tiny_path, monkeypatch):
+    args = make_args(tiny_path, "--algo", "rlsd", "--mini-batch-prompts", "1")  # 2 updates per step
+    torch.manual_seed(0)
+    policy = load_small_policy(args)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    start = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    seen = []
+    real = sdpg.rlsd_loss
+    monkeypatch.setattr(sdpg, "rlsd_loss", lambda *a, **k: seen.append(a[2]) or real(*a, **k))
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    _, batch, _ = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if n in start:
+                p.copy_(start[n])
+    expected = full_logits_logprobs(policy.model, batch.teacher_ids, batch.teacher_mask, batch)
+    torch.testing.assert_close(torch.cat(seen).double(), expected, rtol=1e-5, atol=1e-5)  # both updates
+
+
+def test_entropy_bonus_adds_minus_c_times_the_mean_entropy_gradient(tiny_path):
+    args = make_args(tiny_path, "--algo", "opsd", "--entropy-coef", "0.3")
+    torch.manual_seed(0)
+    policy = load_small_policy(args)
+    model = policy.model
+    batch = rollout(model, policy.tokenizer, EXAMPLES[:2], 4, 6, seed=3)
+    teacher = torch.zeros(batch.response_ids.shape)
+    scores = sdpg.Scores(torch.tensor([1.0, -1, 0, 0.5, -0.5, 0, 2, -2]), teacher_logp=teacher)
+    grads = []
+    for coef in ("0.3", "0"):
+        model.zero_grad()
+        sdpg.backward_batch(
+            policy,
+            batch,
+            scores,
+            cli.config(make_args(tiny_path, "--algo", "opsd", "--entropy-coef", coef)),
+            {},
+        )
+        grads.append(grads_of(model))
+    model.zero_grad()
+    ids = torch.cat([batch.student_ids, batch.response_ids], 1)
+    m = torch.cat([batch.student_mask, batch.response_mask], 1)
+    logits = model(input_ids=ids, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
+    log_p = torch.log_softmax(logits[:, batch.student_ids.shape[1] - 1 : -1].double(), -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    mask = batch.response_mask.double()
+    (-0.3 * (entropy * mask).sum() / mask.sum()).backward()
+    expected = grads_of(model)
+    scale = max(g.abs().max().item() for g in expected.values())  # a difference of float32 grads
+    assert scale > 1e-4
+    for n, g in expected.items():
+        torch.testing.assert_close(grads[0][n] - grads[1][n], g.float(), rtol=1e-3, atol=1e-3 * scale)
