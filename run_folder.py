@@ -175,6 +175,24 @@ def open_run(settings: dict) -> tuple[Path, Path | None]:
     return out, resume
 
 
+def open_for_eval(settings: dict) -> tuple[Path, Path | None]:
+    """--eval-only: (folder, checkpoint to evaluate or None). Nothing in the folder is
+    removed; --resume needs a checkpoint of a run of the same kind."""
+    out = Path(settings["output_dir"])
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    if settings["resume"] == "yes" and ckpt is None:
+        raise UsageError(f"--eval-only --resume: no checkpoint in {out}/checkpoints")
+    resume = ckpt if settings["resume"] in ("yes", "auto") else None
+    if resume is not None:
+        check_compatible(resume, settings)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.jsonl").touch()
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
+    return out, resume
+
+
 def log_metrics(out_dir: Path, row: dict) -> None:
     with (out_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -189,14 +207,35 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
-def write_samples(
-    out_dir: Path, step: int, completions: list[str], answers: list[str], rewards: list[float], n: int = 4
-) -> None:
-    """The first n responses of a step, with their gold answer and reward, into samples.jsonl."""
+def write_samples(out_dir: Path, rows: list[dict]) -> None:
+    """Rows of samples.jsonl: a response with its gold answer, what the verifier took as the
+    final answer and how (boxed, ####, answer is, last number, none), and the reward."""
     with (out_dir / "samples.jsonl").open("a") as f:
-        for completion, answer, r in list(zip(completions, answers, rewards, strict=True))[:n]:
-            row = {"step": step, "answer": answer, "completion": completion, "reward": float(r)}
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+class RunLog:
+    """Where a run's rows go: metrics.jsonl (and curves.png), samples.jsonl, and the
+    experiment trackers (trackers.Trackers, or None)."""
+
+    def __init__(self, out_dir: Path, trackers=None):
+        self.out_dir, self.trackers = out_dir, trackers
+
+    def metrics(self, row: dict, plot: bool = False) -> None:
+        log_metrics(self.out_dir, row)
+        if self.trackers is not None:
+            self.trackers.log(row)
+        if plot:
+            plot_curves(self.out_dir)
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        write_samples(self.out_dir, rows)
+        if self.trackers is not None:
+            self.trackers.log_samples(step, rows)
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def truncate_logs(out_dir: Path, step: int) -> None:

@@ -31,10 +31,12 @@ What is simplified compared with the authors' verl recipe, and why:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -53,12 +55,14 @@ from policy import (
     clock,
     load_policy,
     load_tokenizer,
+    merge_run,
     peak_memory_gb,
     reference_role,
     teacher_role,
 )
 from rollout import RolloutBatch, response_hidden, response_logprobs, rollout, score_tokens
-from verifier import make_reward_fn
+from trackers import Trackers
+from verifier import make_verifier
 
 
 def sdpg_step(
@@ -346,19 +350,21 @@ def format_accuracy(evaluation: dict[str, float]) -> str:
 def train(
     policy: Policy,
     optimizer: Optimizer,
-    train_set: list[data.Example],
-    eval_set: list[data.Example],
+    splits: tuple[list[data.Example], list[data.Example]],
     cfg: Config,
-    reward_fn,
-    out_dir,
+    verifier,
+    log: run_folder.RunLog,
     settings: dict,
     start: int,
 ) -> int:
     """Steps start+1 .. cfg.steps with evals, logs and checkpoints; returns the exit code
-    (0, or 130 when stopped by Ctrl-C)."""
+    (0, or 130 when stopped by Ctrl-C). `verifier(completion, gold)` gives a Verdict."""
+    train_set, eval_set = splits
+    reward_fn = lambda completion, gold: verifier(completion, gold).reward  # noqa: E731
+    out_dir = log.out_dir
     if start == 0:
         first = evaluate(policy, eval_set, cfg, reward_fn)
-        run_folder.log_metrics(out_dir, {"step": 0, **first})
+        log.metrics({"step": 0, **first})
         print(f"step 0 held-out accuracy: {format_accuracy(first)}")
     bar = tqdm(range(start, cfg.steps), desc=cfg.algo, dynamic_ncols=True, initial=start, total=cfg.steps)
     with run_folder.StopOnCtrlC() as ctrl_c:
@@ -366,13 +372,11 @@ def train(
             examples = data.step_examples(train_set, step, cfg.batch_prompts, cfg.seed)
             metrics, batch, rewards = sdpg_step(policy, optimizer, examples, step, cfg, reward_fn)
             done = metrics["step"] = step + 1
-            run_folder.write_samples(out_dir, done, batch.completions, batch.answers, rewards.tolist())
+            log.samples(done, sample_rows(done, batch, verifier))
             evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
             if evaluated:
                 metrics.update(evaluate(policy, eval_set, cfg, reward_fn))
-            run_folder.log_metrics(out_dir, metrics)
-            if evaluated:
-                run_folder.plot_curves(out_dir)
+            log.metrics(metrics, plot=evaluated)
             bar.set_postfix(
                 reward=f"{metrics['reward']:.2f}",
                 acc=f"{metrics['accuracy']:.2f}",
@@ -399,6 +403,24 @@ def train(
     return 0
 
 
+def sample_rows(step: int, batch: RolloutBatch, verifier, n: int = 4) -> list[dict]:
+    """The first n responses of a step as samples.jsonl rows, with what the verifier read."""
+    rows = []
+    for completion, answer in list(zip(batch.completions, batch.answers, strict=True))[:n]:
+        v = verifier(completion, answer)
+        rows.append(
+            {
+                "step": step,
+                "answer": answer,
+                "extracted": v.extracted,
+                "method": v.method,
+                "reward": v.reward,
+                "completion": completion,
+            }
+        )
+    return rows
+
+
 def bad_steps_message(cfg: Config, out_dir) -> str:
     last = run_folder.latest_checkpoint(out_dir)
     return (
@@ -412,12 +434,15 @@ def bad_steps_message(cfg: Config, out_dir) -> str:
 
 
 def run(args) -> int:
-    """Check every input, load data and the model, then train. Bad input fails before any
-    model work, except what only loading can reveal."""
+    """Check every input, load data and the model, then train (or only evaluate). Bad input
+    fails before any model work, except what only loading can reveal."""
     cfg, settings = cli.config(args), vars(args)
-    out_dir, resume_from = run_folder.open_run(settings)
-    reward_fn = make_reward_fn(args.verifier, args.last_number_fallback)
-    train_set, eval_set = data.load_splits(
+    if args.eval_only:
+        out_dir, resume_from = run_folder.open_for_eval(settings)
+    else:
+        out_dir, resume_from = run_folder.open_run(settings)
+    verifier = make_verifier(args.verifier, args.last_number_fallback)
+    splits = data.load_splits(
         args.data,
         args.eval_data,
         args.eval_size,
@@ -426,20 +451,46 @@ def run(args) -> int:
         args.context_template,
     )
     path, tokenizer = load_tokenizer(args)
-    train_set = data.drop_long_prompts(train_set, tokenizer, args.max_prompt_length, "train")
-    eval_set = data.drop_long_prompts(eval_set, tokenizer, args.max_prompt_length, "eval")
+    splits = tuple(
+        data.drop_long_prompts(x, tokenizer, args.max_prompt_length, name)
+        for x, name in zip(splits, ("train", "eval"), strict=True)
+    )
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    policy = load_policy(args, path, tokenizer)
+    policy = load_policy(args, path, tokenizer, adapter=args.adapter)
     optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
     if cfg.teacher == "ema":
         policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
     start = 0
     if resume_from is not None:
         start = run_folder.load_checkpoint(resume_from, policy.model, optimizer, policy.ema)
+        print(f"loaded {resume_from} (step {start})")
+    if args.eval_only:
+        return evaluate_only(policy, splits[1], cfg, verifier, out_dir, start, args.adapter)
+    if resume_from is not None:
         run_folder.truncate_logs(out_dir, start)
-        print(f"resumed from {resume_from} at step {start}")
-    return train(policy, optimizer, train_set, eval_set, cfg, reward_fn, out_dir, settings, start)
+    log = run_folder.RunLog(
+        out_dir, Trackers(args.report_to, out_dir, out_dir.name, settings) if args.report_to else None
+    )
+    try:
+        code = train(policy, optimizer, splits, cfg, verifier, log, settings, start)
+    finally:
+        log.close()
+    if code == 0 and args.save_merged:
+        print(f"merged model in {merge_run(out_dir)}")
+    return code
+
+
+def evaluate_only(policy, eval_set, cfg: Config, verifier, out_dir, step: int, adapter: str | None) -> int:
+    """--eval-only: the held-out evaluation of the loaded weights, printed and appended to
+    <output-dir>/eval.jsonl."""
+    result = evaluate(policy, eval_set, cfg, lambda c, g: verifier(c, g).reward)
+    row = {"step": step, "adapter": adapter, "examples": len(eval_set), **result}
+    with (out_dir / "eval.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"held-out accuracy at step {step}: {format_accuracy(result)} ({len(eval_set)} prompts)")
+    print(f"appended to {out_dir / 'eval.jsonl'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -449,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         cli.resolve(args)
         if args.print_verl_overrides:
             print("python3 -m verl.trainer.main_ppo \\\n  " + " \\\n  ".join(cli.verl_overrides(args)))
+            return 0
+        if args.merge_run:
+            print(f"merged model in {merge_run(Path(args.merge_run))}")
             return 0
         return run(args)
     except (UsageError, TrainingError) as e:

@@ -211,10 +211,11 @@ def reward(completion: str, gold: str) -> float:
     return verify(completion, gold).reward
 
 
-def make_reward_fn(name: str = "rule", last_number_fallback: bool = True) -> Callable[[str, str], float]:
-    """The reward function for --verifier: 'rule' (this module) or 'math-verify' (HF's)."""
+def make_verifier(name: str = "rule", last_number_fallback: bool = True) -> Callable[[str, str], Verdict]:
+    """The Verdict function for --verifier: 'rule' (this module) or 'math-verify' (HF's,
+    whose extraction is its own: the Verdict says only the reward)."""
     if name == "rule":
-        return lambda completion, gold: verify(completion, gold, last_number_fallback).reward
+        return lambda completion, gold: verify(completion, gold, last_number_fallback)
     if name == "math-verify":
         try:
             import math_verify
@@ -223,9 +224,16 @@ def make_reward_fn(name: str = "rule", last_number_fallback: bool = True) -> Cal
                 "--verifier math-verify needs the math-verify package: pip install math-verify"
             ) from e
 
-        def math_verify_reward(completion: str, gold: str) -> float:
+        def math_verify_verdict(completion: str, gold: str) -> Verdict:
             gold_parsed = math_verify.parse(parse_gold(gold))
-            return float(math_verify.verify(gold_parsed, math_verify.parse(completion)))
+            r = float(math_verify.verify(gold_parsed, math_verify.parse(completion)))
+            return Verdict(r, None, "math-verify", "match" if r else "no match")
 
-        return math_verify_reward
+        return math_verify_verdict
     raise ValueError(f"unknown verifier {name!r}: choose 'rule' or 'math-verify'")
+
+
+def make_reward_fn(name: str = "rule", last_number_fallback: bool = True) -> Callable[[str, str], float]:
+    """R(completion, gold) in {0, 1} from `make_verifier`."""
+    verdict = make_verifier(name, last_number_fallback)
+    return lambda completion, gold: verdict(completion, gold).reward

@@ -1,14 +1,21 @@
-"""Does SDPG lift earlier than GRPO? GRPO vs SDPG vs pure self-distillation (opd), and
-SDPG with the initial weights as teacher (sdpg-initial, beta 1: an ablation).
+"""Does SDPG lift earlier than GRPO, and than the paper's self-distillation baselines?
 
-Runs `sdpg.py` on the embedded task (tiny model, arithmetic) for each algorithm and
-seed, everything else identical, then writes into --out:
+Runs `sdpg.py` on the embedded task (tiny model, arithmetic) for each contender and
+seed, everything else identical (the tiny preset, its mini-batches included):
+  grpo           beta = alpha = 0
+  sdpg           the paper's method: live teacher, beta from the preset
+  opd            pure full-vocabulary self-distillation (no outcome term), ours
+  opsd, rlsd     the paper's baselines, as the authors compute them
+  sdpg-ema       SDPG with an EMA teacher (--teacher ema)
+  sdpg-initial   SDPG with the initial weights as teacher, beta 1 (an ablation)
+and writes into --out:
   compare_algos.md   steps to reach --target held-out accuracy, accuracy at fixed
-                     steps, final accuracy, mean response length, entropy
+                     steps, final accuracy, the teacher view's final greedy accuracy,
+                     mean response length, entropy, seconds per step
   compare_algos.png  held-out accuracy vs step: mean over seeds and min-max band
   compare_algos.json the raw eval curves
 
-    python bench/compare_algos.py            # 3 seeds x 4 contenders
+    python bench/compare_algos.py            # 3 seeds x 7 contenders
     python bench/compare_algos.py --quick    # 1 seed, fewer steps: a smoke run
 """
 
@@ -25,10 +32,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from run_folder import read_metrics  # noqa: E402
+
 ACC = "eval_mean@4"
 VARIANTS = {  # a contender name -> its sdpg.py flags; any other name is an --algo
+    "sdpg-ema": ["--algo", "sdpg", "--teacher", "ema"],
     "sdpg-initial": ["--algo", "sdpg", "--teacher", "initial", "--beta", "1.0"],
 }
+CONTENDERS = ["grpo", "sdpg", "opd", "opsd", "rlsd", "sdpg-ema", "sdpg-initial"]
 
 
 def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> dict:
@@ -59,27 +72,29 @@ def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{algo} seed {seed} failed:\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(folder)
     train = [r for r in rows if "reward" in r]
     return {
         "algo": algo,
         "seed": seed,
         "seconds": time.time() - t0,
-        "curve": [(r["step"], r[ACC], r["eval_greedy"]) for r in rows if ACC in r],
+        "curve": [(r["step"], r[ACC], r["eval_greedy"], r["eval_teacher_greedy"]) for r in rows if ACC in r],
         "response_len": statistics.mean(r["response_len"] for r in train),
         "entropy": statistics.mean(r["entropy"] for r in train[-10:]),
+        "step_s": statistics.median(r["step_s"] for r in train),
     }
 
 
 def steps_to(curve: list, target: float) -> int | None:
-    return next((step for step, acc, _ in curve if acc >= target), None)
+    return next((step for step, acc, *_ in curve if acc >= target), None)
 
 
 def summarize(results: list[dict], algos: list[str], target: float, at_steps: list[int]) -> str:
     head = f"| algo | steps to {100 * target:.0f}% (median) | " + " | ".join(f"acc @ {s}" for s in at_steps)
     lines = [
-        head + " | final acc | final greedy | response len | entropy (last 10) |",
-        "|---" * (6 + len(at_steps)) + "|",
+        head + " | final acc | final greedy | teacher view, final greedy | response len | entropy (last 10) "
+        "| s / step (median) |",
+        "|---" * (8 + len(at_steps)) + "|",
     ]
     for algo in algos:
         runs = [r for r in results if r["algo"] == algo]
@@ -88,17 +103,19 @@ def summarize(results: list[dict], algos: list[str], target: float, at_steps: li
         median = f"{statistics.median(reached):.0f}" if len(reached) > len(reach) / 2 else "not reached"
         median += f" ({len(reached)}/{len(reach)} seeds)"
         at = [
-            statistics.mean(dict((s, a) for s, a, _ in r["curve"]).get(k, float("nan")) for r in runs)
+            statistics.mean(dict((s, a) for s, a, *_ in r["curve"]).get(k, float("nan")) for r in runs)
             for k in at_steps
         ]
         final = statistics.mean(r["curve"][-1][1] for r in runs)
         greedy = statistics.mean(r["curve"][-1][2] for r in runs)
+        teacher = statistics.mean(r["curve"][-1][3] for r in runs)
         lines.append(
             f"| {algo} | {median} | "
             + " | ".join(f"{100 * a:.1f}%" for a in at)
-            + f" | {100 * final:.1f}% | {100 * greedy:.1f}% | "
+            + f" | {100 * final:.1f}% | {100 * greedy:.1f}% | {100 * teacher:.1f}% | "
             f"{statistics.mean(r['response_len'] for r in runs):.1f} | "
-            f"{statistics.mean(r['entropy'] for r in runs):.3f} |"
+            f"{statistics.mean(r['entropy'] for r in runs):.3f} | "
+            f"{statistics.median(r['step_s'] for r in runs):.2f} |"
         )
     return "\n".join(lines)
 
@@ -112,7 +129,7 @@ def plot(results: list[dict], algos: list[str], path: Path, target: float) -> No
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for algo in algos:
         curves = [r["curve"] for r in results if r["algo"] == algo]
-        steps = [s for s, _, _ in curves[0]]
+        steps = [s for s, *_ in curves[0]]
         accs = [[c[i][1] for c in curves] for i in range(len(steps))]
         ax.plot(steps, [statistics.mean(a) for a in accs], marker="o", label=algo)
         ax.fill_between(steps, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
@@ -130,7 +147,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    ap.add_argument("--algos", nargs="+", default=["grpo", "sdpg", "opd", "sdpg-initial"])
+    ap.add_argument("--algos", nargs="+", default=CONTENDERS)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=10)
