@@ -16,7 +16,7 @@ from pathlib import Path
 from data import CONTEXT_TEMPLATE
 from errors import UsageError
 from losses import AGG_MODES, DEFAULT_CHUNK, KL_CLAMP, KL_MODES
-from policy import check_four_bit
+from policy import SHORT_NAMES, check_four_bit
 from tiny_model import WARM_START_STEPS
 from trackers import parse_report_to
 
@@ -28,13 +28,15 @@ TEACHERS = ("live", "initial", "ema")
 PRESETS = {
     "tiny": dict(
         data="arithmetic",
-        lr=1e-3,
+        lr=2.5e-4,
         steps=250,
         batch_prompts=16,
+        mini_batch_prompts=4,
         micro_batch=64,
         num_generations=8,
         max_new_tokens=8,
         max_prompt_length=256,
+        temperature=1.0,
         eval_every=50,
         eval_size=200,
         eval_samples=4,
@@ -45,15 +47,42 @@ PRESETS = {
         weight_decay=0.0,
         lr_warmup_steps=0,
     ),
+    # Small real chat models on a CPU (smollm2-135m, .gguf files): short answers, a sampling
+    # temperature at which they still answer (SmolLM2-135M-Instruct, sampled answers right
+    # on two-digit word problems: 2% at T = 1, 10% at T = 0.5; one-digit: 34% at T = 0.5,
+    # 46% at 0.3), small groups; see README, "Real model on a laptop".
+    "small": dict(
+        data="word-problems",
+        lr=5e-5,
+        steps=30,
+        batch_prompts=4,
+        mini_batch_prompts=4,
+        micro_batch=16,
+        num_generations=4,
+        max_new_tokens=64,
+        max_prompt_length=256,
+        temperature=0.5,
+        eval_every=10,
+        eval_size=60,
+        eval_samples=2,
+        lora_r=16,
+        lora_alpha=32,
+        beta=0.05,
+        alpha=1e-3,
+        weight_decay=0.0,
+        lr_warmup_steps=0,
+    ),
     "hub": dict(
         data="gsm8k",
         lr=1e-5,
         steps=200,
         batch_prompts=8,
+        mini_batch_prompts=8,
         micro_batch=4,
         num_generations=8,
         max_new_tokens=512,
         max_prompt_length=512,
+        temperature=1.0,
         eval_every=50,
         eval_size=200,
         eval_samples=4,
@@ -154,8 +183,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.dest in PRESETS["tiny"]:
-            tiny, hub = PRESETS["tiny"][action.dest], PRESETS["hub"][action.dest]
-            return f"{action.help} (default: {tiny} with --model tiny, else {hub})".lstrip()
+            tiny, small, hub = (PRESETS[p][action.dest] for p in ("tiny", "small", "hub"))
+            return f"{action.help} (default: {tiny} for tiny, {small} for smollm2-135m/.gguf, else {hub})"
         if action.default is None:
             return action.help or ""  # says its own default
         return super()._get_help_string(action)
@@ -169,7 +198,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default="tiny",
         help="'tiny' (built offline), a local folder, a hub id, or a Qwen2.5 short name like Qwen2.5-0.5B",
     )
-    g("--data", default=None, help="'arithmetic', 'gsm8k', or a .jsonl/.parquet/.csv file")
+    g(
+        "--data",
+        default=None,
+        help="'arithmetic', 'word-problems', 'gsm8k', or a .jsonl/.parquet/.csv file",
+    )
     g("--gsm8k-solution-context", action="store_true", help="GSM8K: the teacher sees the worked solution")
     g("--eval-data", default=None, help="held-out file (default: the task's test split)")
     g(
@@ -220,7 +253,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "(adapter off); ema = an exponential moving average of the trained weights (default: initial "
         "for opsd, else live)",
     )
-    o("--teacher-ema-decay", type=float, default=0.9, help="--teacher ema: decay per optimizer step")
+    o("--teacher-ema-decay", type=float, default=0.99, help="--teacher ema: decay per optimizer step")
     o(
         "--kl-clamp",
         type=float,
@@ -251,7 +284,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     s("--num-generations", type=int, default=None, help="G, responses per prompt")
     s("--max-new-tokens", type=int, default=None, help="response length cap, in tokens")
     s("--min-new-tokens", type=int, default=0, help="force at least this many tokens (benchmarks)")
-    s("--temperature", type=float, default=1.0, help="sampling temperature, also applied to log-probs")
+    s("--temperature", type=float, default=None, help="sampling temperature, also applied to log-probs")
     s("--top-p", type=float, default=1.0, help="nucleus sampling")
 
     t = p.add_argument_group("optimisation").add_argument
@@ -262,7 +295,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="prompts per optimizer step (verl's ppo_mini_batch_size): one rollout of B prompts feeds "
-        "B / this many optimizer steps over disjoint whole groups (default: B, one step)",
+        "B / this many optimizer steps over disjoint whole groups; a preset's that does not divide "
+        "--batch-prompts becomes B",
     )
     t("--ppo-epochs", type=int, default=1, help="passes over the rollout's mini-batches")
     t("--micro-batch", type=int, default=None, help="rows per forward/backward")
@@ -340,7 +374,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         default=None,
         metavar="RUN_DIR",
         help="write RUN_DIR/merged from a finished run's adapter (full precision, loads without peft), "
-        "and exit",
+        "and exit (default: none)",
     )
     e(
         "--eval-only",
@@ -348,7 +382,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="only evaluate: the newest checkpoint of --output-dir with --resume, or --adapter, or "
         "the untrained model; appends to <output-dir>/eval.jsonl",
     )
-    e("--adapter", default=None, help="a PEFT LoRA adapter folder to start from (or to evaluate)")
+    e(
+        "--adapter",
+        default=None,
+        help="a PEFT LoRA adapter folder to start from, or to evaluate (default: a new adapter)",
+    )
     e("--print-verl-overrides", action="store_true", help="print the equivalent verl overrides and exit")
     e("--debug", action="store_true", help="show tracebacks")
     return p
@@ -373,15 +411,24 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.teacher = "initial" if args.algo == "opsd" else "live"
     if args.entropy_coef is None:
         args.entropy_coef = OPSD_ENTROPY_COEF if args.algo == "opsd" else 0.0
-    preset = PRESETS["tiny" if args.model == "tiny" else "hub"]
+    preset = PRESETS[preset_name(args.model)]
+    mini_given = args.mini_batch_prompts is not None
     for key, value in {**preset, **(FULL_FINETUNE if args.full_finetune else {})}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.mini_batch_prompts is None:
+    if not mini_given and args.batch_prompts % args.mini_batch_prompts:  # the preset's does not fit
         args.mini_batch_prompts = args.batch_prompts
     args.kl_clamp = args.kl_clamp or None  # 0: off
     check(args)
     return args
+
+
+def preset_name(model: str) -> str:
+    """'tiny'; 'small' for small real models (a short name like smollm2-135m, a .gguf file);
+    else 'hub' (a GPU-sized run of a hub model or folder)."""
+    if model == "tiny":
+        return "tiny"
+    return "small" if model.lower() in SHORT_NAMES or model.endswith(".gguf") else "hub"
 
 
 def check(args: argparse.Namespace) -> None:

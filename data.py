@@ -23,6 +23,9 @@ Sources:
   held-out split whose questions never occur in training. The 81 addition facts are
   shared by both splits: the held-out set measures answering new questions, not
   discovering new arithmetic.
+- `word-problems`: built in, offline: one-step GSM8K-style additions ("Tom has 12 apples
+  and buys 7 more. How many ..."), one- and two-digit, for small real chat models; the
+  held-out split is fixed and its questions never occur in training.
 - `gsm8k`: `openai/gsm8k` (config `main`) through `datasets`; gold = text after '####'.
 - a local `.jsonl`, `.json`, `.parquet` or `.csv` file, either in the authors' verl
   format (`prompt`: a list of chat messages, `reward_model.ground_truth`: the answer)
@@ -69,9 +72,9 @@ class Example:
     messages: list[dict[str, str]]
 
 
-def plain_example(question: str, answer: str, context: str) -> Example:
-    """A question in the authors' format: our instruction, then the token and c."""
-    content = f"{question}\n{INSTRUCTION}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+def plain_example(question: str, answer: str, context: str, instruction: str = INSTRUCTION) -> Example:
+    """A question in the authors' format: the instruction, then the token and c."""
+    content = f"{question}\n{instruction}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
     return Example(question, answer, [{"role": "user", "content": content}])
 
 
@@ -142,6 +145,45 @@ def arithmetic_split(
             if q not in held_out:
                 pairs.append((q, a))
     return [plain_example(q, a, context_template.format(answer=a)) for q, a in pairs]
+
+
+# ---------------------------------------------------------------- word problems
+
+# A 135M chat model almost never writes \boxed{} (measured on SmolLM2-135M-Instruct: 0 of
+# 60 greedy answers), but ends with "The answer is N." 80-85% of the time when asked to.
+WORD_INSTRUCTION = "Solve it, then end your response with: The answer is <number>."
+_WP_NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava"]
+_WP_ITEMS = ["apples", "marbles", "books", "stickers", "cookies", "pencils", "cards", "coins", "toys"]
+
+
+def word_question(rng: random.Random) -> tuple[str, str]:
+    """(question, answer): a one-step GSM8K-style addition, half with one-digit numbers
+    (SmolLM2-135M-Instruct greedy: about half right), half with two-digit ones (a quarter)."""
+    name, item = rng.choice(_WP_NAMES), rng.choice(_WP_ITEMS)
+    a, b = (
+        (rng.randint(2, 9), rng.randint(2, 9))
+        if rng.random() < 0.5
+        else (rng.randint(11, 60), rng.randint(11, 39))
+    )
+    return f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", str(a + b)
+
+
+def word_problem_split(
+    n: int, split: str, seed: int = 0, context_template: str = CONTEXT_TEMPLATE
+) -> list[Example]:
+    """Like arithmetic_split: a fixed held-out split, and training questions never in it."""
+    if split == "test":
+        rng = random.Random(HELD_OUT_SEED)
+        pairs = [word_question(rng) for _ in range(n)]
+    else:
+        test = random.Random(HELD_OUT_SEED)
+        held_out = {word_question(test)[0] for _ in range(500)}
+        rng, pairs = random.Random(seed), []
+        while len(pairs) < n:
+            q, a = word_question(rng)
+            if q not in held_out:
+                pairs.append((q, a))
+    return [plain_example(q, a, context_template.format(answer=a), WORD_INSTRUCTION) for q, a in pairs]
 
 
 # ---------------------------------------------------------------- GSM8K and files
@@ -254,9 +296,9 @@ def load_task(
     solution_as_context: bool = False,
     context_template: str = CONTEXT_TEMPLATE,
 ) -> list[Example]:
-    """`arithmetic`, `gsm8k`, or a file path; n > 0 keeps the first n examples."""
-    if name == "arithmetic":
-        return arithmetic_split(n or (2000 if split == "train" else 200), split, seed, context_template)
+    """`arithmetic`, `word-problems`, `gsm8k`, or a file path; n > 0 keeps the first n."""
+    if name in BUILT_IN:
+        return BUILT_IN[name](n or (2000 if split == "train" else 200), split, seed, context_template)
     if name == "gsm8k":
         examples = gsm8k_split(split, solution_as_context, context_template)
     else:
@@ -265,6 +307,9 @@ def load_task(
 
 
 # ---------------------------------------------------------------- a run's splits and batches
+
+
+BUILT_IN = {"arithmetic": arithmetic_split, "word-problems": word_problem_split}
 
 
 def load_splits(
@@ -282,7 +327,7 @@ def load_splits(
     )
     if eval_data:
         evals = load_task(eval_data, "test", context_template=context_template)
-    elif data in ("arithmetic", "gsm8k"):
+    elif data in ("arithmetic", "word-problems", "gsm8k"):
         evals = load_task(data, "test", n=eval_size, context_template=context_template)
     else:
         k = max(1, len(train) // 10)

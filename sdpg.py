@@ -304,18 +304,22 @@ def batched_logprobs(
 
 
 EVAL_ROWS = 256  # responses per generate call in evaluation: bounds the KV cache with k = 32
+EXPLICIT_ANSWERS = ("boxed", "####", "answer is")  # verifier methods that are a stated answer
 
 
 @torch.no_grad()
-def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, reward_fn) -> dict[str, float]:
+def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier) -> dict[str, float]:
     """Held-out accuracy: mean@k and pass@k (k samples at the training temperature; pass@k
     is the share of prompts with at least one right answer), greedy accuracy, and the
     teacher view's greedy accuracy, to see whether the teacher still knows more than the
-    student."""
+    student. Of the k samples also: the share that state a final answer explicitly
+    (answered: boxed, '####' or 'the answer is', not only a last number), their mean
+    length in tokens, and the share cut off before EOS (truncated)."""
     k = cfg.eval_samples
     settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
     settings.append(("teacher_greedy", 0.0, 1, "teacher"))
     scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
+    answered, lengths, truncated = [], [], []
     per_call = max(1, EVAL_ROWS // k)
     for s in range(0, len(examples), per_call):
         chunk = examples[s : s + per_call]
@@ -331,17 +335,28 @@ def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, reward_f
                 cfg.seed + s,
                 view=view,
             )
-            scores[name] += [reward_fn(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
+            verdicts = [verifier(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
+            scores[name] += [v.reward for v in verdicts]
+            if name == "sampled":
+                answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
+                lengths += b.response_mask.sum(1).tolist()
+                truncated += b.truncated.tolist()
     sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
     return {
         f"eval_mean@{k}": float(sampled.mean()),
         f"eval_pass@{k}": float((sampled.amax(1) == 1).float().mean()),
         **{f"eval_{name}": sum(v) / len(v) for name, v in scores.items()},
+        "eval_answered": sum(answered) / len(answered),
+        "eval_truncated": sum(truncated) / len(truncated),
+        "eval_response_len": sum(lengths) / len(lengths),
     }
 
 
 def format_accuracy(evaluation: dict[str, float]) -> str:
-    return ", ".join(f"{k.removeprefix('eval_')} {100 * v:.1f}%" for k, v in evaluation.items())
+    return ", ".join(
+        f"len {v:.1f}" if k == "eval_response_len" else f"{k.removeprefix('eval_')} {100 * v:.1f}%"
+        for k, v in evaluation.items()
+    )
 
 
 # ---------------------------------------------------------------- the loop
@@ -363,7 +378,7 @@ def train(
     reward_fn = lambda completion, gold: verifier(completion, gold).reward  # noqa: E731
     out_dir = log.out_dir
     if start == 0:
-        first = evaluate(policy, eval_set, cfg, reward_fn)
+        first = evaluate(policy, eval_set, cfg, verifier)
         log.metrics({"step": 0, **first})
         print(f"step 0 held-out accuracy: {format_accuracy(first)}")
     bar = tqdm(range(start, cfg.steps), desc=cfg.algo, dynamic_ncols=True, initial=start, total=cfg.steps)
@@ -372,10 +387,12 @@ def train(
             examples = data.step_examples(train_set, step, cfg.batch_prompts, cfg.seed)
             metrics, batch, rewards = sdpg_step(policy, optimizer, examples, step, cfg, reward_fn)
             done = metrics["step"] = step + 1
-            log.samples(done, sample_rows(done, batch, verifier))
+            verdicts = [verifier(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)]
+            metrics["answered"] = sum(v.method in EXPLICIT_ANSWERS for v in verdicts) / len(verdicts)
+            log.samples(done, sample_rows(done, batch, verdicts))
             evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
             if evaluated:
-                metrics.update(evaluate(policy, eval_set, cfg, reward_fn))
+                metrics.update(evaluate(policy, eval_set, cfg, verifier))
             log.metrics(metrics, plot=evaluated)
             bar.set_postfix(
                 reward=f"{metrics['reward']:.2f}",
@@ -403,11 +420,10 @@ def train(
     return 0
 
 
-def sample_rows(step: int, batch: RolloutBatch, verifier, n: int = 4) -> list[dict]:
+def sample_rows(step: int, batch: RolloutBatch, verdicts: list, n: int = 4) -> list[dict]:
     """The first n responses of a step as samples.jsonl rows, with what the verifier read."""
     rows = []
-    for completion, answer in list(zip(batch.completions, batch.answers, strict=True))[:n]:
-        v = verifier(completion, answer)
+    for completion, answer, v in list(zip(batch.completions, batch.answers, verdicts, strict=True))[:n]:
         rows.append(
             {
                 "step": step,
@@ -464,7 +480,7 @@ def run(args) -> int:
     start = 0
     if resume_from is not None:
         start = run_folder.load_checkpoint(resume_from, policy.model, optimizer, policy.ema)
-        print(f"loaded {resume_from} (step {start})")
+        print(f"{'loaded' if args.eval_only else 'resumed from'} {resume_from} at step {start}")
     if args.eval_only:
         return evaluate_only(policy, splits[1], cfg, verifier, out_dir, start, args.adapter)
     if resume_from is not None:
@@ -484,7 +500,7 @@ def run(args) -> int:
 def evaluate_only(policy, eval_set, cfg: Config, verifier, out_dir, step: int, adapter: str | None) -> int:
     """--eval-only: the held-out evaluation of the loaded weights, printed and appended to
     <output-dir>/eval.jsonl."""
-    result = evaluate(policy, eval_set, cfg, lambda c, g: verifier(c, g).reward)
+    result = evaluate(policy, eval_set, cfg, verifier)
     row = {"step": step, "adapter": adapter, "examples": len(eval_set), **result}
     with (out_dir / "eval.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
