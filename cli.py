@@ -438,7 +438,7 @@ def check(args: argparse.Namespace) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
             )
-    if args.teacher == "initial" and args.full_finetune:
+    if args.teacher == "initial" and args.full_finetune and args.algo in ("sdpg", "opd"):
         raise UsageError(
             "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
             "changes: use LoRA (drop --full-finetune) or --teacher live"

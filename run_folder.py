@@ -194,7 +194,11 @@ def open_for_eval(settings: dict) -> tuple[Path, Path | None]:
 
 
 def log_metrics(out_dir: Path, row: dict) -> None:
-    with (out_dir / "metrics.jsonl").open("a") as f:
+    append_jsonl(out_dir / "metrics.jsonl", row)
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -212,6 +216,33 @@ def write_samples(out_dir: Path, rows: list[dict]) -> None:
     final answer and how (boxed, ####, answer is, last number, none), and the reward."""
     with (out_dir / "samples.jsonl").open("a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def sample_rows(
+    step: int, completions: list[str], answers: list[str], verdicts: list, n: int = 4
+) -> list[dict]:
+    """The first n responses of a step as samples.jsonl rows, with what the verifier read."""
+    return [
+        {
+            "step": step,
+            "answer": a,
+            "extracted": v.extracted,
+            "method": v.method,
+            "reward": v.reward,
+            "completion": c,
+        }
+        for c, a, v in list(zip(completions, answers, verdicts, strict=True))[:n]
+    ]
+
+
+def bad_steps_message(max_bad_steps: int, lr: float, beta: float, out_dir: Path) -> str:
+    """Why a run stopped on non-finite steps, and where its last good checkpoint is."""
+    last = latest_checkpoint(out_dir)
+    return (
+        f"{max_bad_steps} steps in a row had a non-finite loss or gradient and were skipped. "
+        f"Likely causes: --lr too high ({lr}), --beta too large ({beta}), or fp16 overflow "
+        f"(use bf16 or float32). Last good checkpoint: {last or 'none yet'}"
+    )
 
 
 class RunLog:

@@ -31,7 +31,6 @@ What is simplified compared with the authors' verl recipe, and why:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -103,10 +102,11 @@ def sdpg_step(
             scores.ref_logp = batched_logprobs(reference, batch, cfg)  # [B*G, T]
     if n_updates > 1:
         scores.old_logp = batched_logprobs(policy.model, batch, cfg)  # [B*G, T]
+    t_fixed = clock()
     if cfg.algo in ("opsd", "rlsd"):  # the authors score the teacher view at temperature 1
         with teacher_role(policy, cfg.teacher) as teacher:
             scores.teacher_logp = batched_logprobs(teacher, batch, cfg, view="teacher", temperature=1.0)
-    timings = {"reference_s": clock() - t_sampled, "teacher_s": 0.0, "student_s": 0.0}
+    timings = {"reference_s": t_fixed - t_sampled, "teacher_s": clock() - t_fixed, "student_s": 0.0}
     # 4-5. One optimizer step per mini-batch of whole groups (the teacher and the student
     #    are the current weights at each), --ppo-epochs passes over the rollout.
     lr, updates = optimizer.lr, []
@@ -389,7 +389,7 @@ def train(
             done = metrics["step"] = step + 1
             verdicts = [verifier(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)]
             metrics["answered"] = sum(v.method in EXPLICIT_ANSWERS for v in verdicts) / len(verdicts)
-            log.samples(done, sample_rows(done, batch, verdicts))
+            log.samples(done, run_folder.sample_rows(done, batch.completions, batch.answers, verdicts))
             evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
             if evaluated:
                 metrics.update(evaluate(policy, eval_set, cfg, verifier))
@@ -400,7 +400,9 @@ def train(
                 kl=f"{metrics.get('kl_distill', 0):.3g}",
             )
             if optimizer.bad_in_a_row >= cfg.max_bad_steps:
-                raise TrainingError(bad_steps_message(cfg, out_dir))
+                raise TrainingError(
+                    run_folder.bad_steps_message(cfg.max_bad_steps, cfg.lr, cfg.beta, out_dir)
+                )
             if ctrl_c.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 saved = run_folder.save_checkpoint(
                     out_dir, done, policy.model, optimizer, settings, cfg.keep_checkpoints, policy.ema
@@ -418,32 +420,6 @@ def train(
     print(f"held-out accuracy after:  {format_accuracy(last)}")
     print(f"metrics.jsonl, samples.jsonl, curves.png and the adapter are in {out_dir}")
     return 0
-
-
-def sample_rows(step: int, batch: RolloutBatch, verdicts: list, n: int = 4) -> list[dict]:
-    """The first n responses of a step as samples.jsonl rows, with what the verifier read."""
-    rows = []
-    for completion, answer, v in list(zip(batch.completions, batch.answers, verdicts, strict=True))[:n]:
-        rows.append(
-            {
-                "step": step,
-                "answer": answer,
-                "extracted": v.extracted,
-                "method": v.method,
-                "reward": v.reward,
-                "completion": completion,
-            }
-        )
-    return rows
-
-
-def bad_steps_message(cfg: Config, out_dir) -> str:
-    last = run_folder.latest_checkpoint(out_dir)
-    return (
-        f"{cfg.max_bad_steps} steps in a row had a non-finite loss or gradient and were skipped. "
-        f"Likely causes: --lr too high ({cfg.lr}), --beta too large ({cfg.beta}), or fp16 overflow "
-        f"(use bf16 or float32). Last good checkpoint: {last or 'none yet'}"
-    )
 
 
 # ---------------------------------------------------------------- the command line
@@ -501,9 +477,9 @@ def evaluate_only(policy, eval_set, cfg: Config, verifier, out_dir, step: int, a
     """--eval-only: the held-out evaluation of the loaded weights, printed and appended to
     <output-dir>/eval.jsonl."""
     result = evaluate(policy, eval_set, cfg, verifier)
-    row = {"step": step, "adapter": adapter, "examples": len(eval_set), **result}
-    with (out_dir / "eval.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    run_folder.append_jsonl(
+        out_dir / "eval.jsonl", {"step": step, "adapter": adapter, "examples": len(eval_set), **result}
+    )
     print(f"held-out accuracy at step {step}: {format_accuracy(result)} ({len(eval_set)} prompts)")
     print(f"appended to {out_dir / 'eval.jsonl'}")
     return 0

@@ -207,3 +207,25 @@ def test_requirements_never_pull_a_cuda_torch():
     for name in ("requirements.txt", "requirements-dev.txt", "requirements-extras.txt"):
         for line in (ROOT / name).read_text().splitlines():
             assert not line.startswith("torch") or ">=" in line, (name, line)  # keeps the installed build
+
+
+def test_imports_flow_one_way():
+    """No module imports sdpg.py, and no two modules import each other (even indirectly)."""
+    import ast
+
+    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module.split(".")[0])
+        graph[name] = found & set(modules) - {name}
+    assert not [m for m, deps in graph.items() if "sdpg" in deps]
+
+    def reaches(start, target, seen=()):
+        return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph[start])
+
+    assert not [m for m in graph if reaches(m, m)], graph
