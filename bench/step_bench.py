@@ -10,6 +10,7 @@ median reported with the process's peak RSS.
 
     pip install -r requirements-bench.txt
     python bench/step_bench.py
+    python bench/step_bench.py --contenders ours-grpo ours-sdpg ours-opsd ours-rlsd   # ours only
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CONTENDERS = ("ours-grpo", "trl-grpo", "ours-sdpg", "trl-sdpo")
+CONTENDERS = ("ours-grpo", "trl-grpo", "ours-sdpg", "trl-sdpo", "ours-opsd", "ours-rlsd")
 
 
 def build_model(folder: Path) -> None:
@@ -64,8 +65,6 @@ def ours(algo: str, a) -> list[float]:
                 a.model,
                 "--algo",
                 algo,
-                "--alpha",
-                "0.04",
                 "--num-generations",
                 str(a.g),
                 "--batch-prompts",
@@ -90,6 +89,7 @@ def ours(algo: str, a) -> list[float]:
                 "unused",
             ]
             + (["--beta", "0.04"] if algo == "sdpg" else [])
+            + (["--alpha", "0.04"] if algo in ("grpo", "sdpg") else [])
         )
     )
     policy = load_policy(args, *load_tokenizer(args))
@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per process")
     ap.add_argument("--reps", type=int, default=2, help="processes per contender, run alternately")
+    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS[:4]))
     ap.add_argument("--work", default="/tmp/sdpg-step-bench")
     ap.add_argument("--json", default="bench/step_bench.json")
     ap.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
@@ -222,9 +223,9 @@ def main() -> None:
     model = Path(a.work) / "model"
     if not (model / "config.json").exists():
         build_model(model)
-    runs: dict[str, list[dict]] = {c: [] for c in CONTENDERS}
+    runs: dict[str, list[dict]] = {c: [] for c in a.contenders}
     for _ in range(a.reps):
-        for c in CONTENDERS:
+        for c in a.contenders:
             cmd = [sys.executable, __file__, "--worker", c, "--model", str(model), "--work", a.work]
             cmd += [f"--{k}={getattr(a, k)}" for k in ("b", "g", "t", "warmup", "steps")]
             env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
