@@ -195,19 +195,18 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
 def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | None = None) -> Policy:
     """The model with a LoRA adapter (new, or `adapter` loaded; reference = adapter off), or
     a full fine-tune with a frozen second copy as the reference."""
-    from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
     four_bit = cuda and not args.full_finetune if args.load_in_4bit is None else args.load_in_4bit
     if four_bit:
         check_not_quantized(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
+    model = load_weights(path, four_bit, cuda)
     if four_bit:
         keep_4bit_trainable_on_cpu(model)
     if args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.full_finetune:
-        reference = AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda)).eval()
+        reference = load_weights(path, four_bit, cuda).eval()
         reference.requires_grad_(False)
         return Policy(model, tokenizer, reference)
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -223,6 +222,23 @@ def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | N
         task_type="CAUSAL_LM",
     )
     return Policy(get_peft_model(model, lora), tokenizer)
+
+
+def load_weights(path: str, four_bit: bool, cuda: bool):
+    """The causal LM in `path`; weights that cannot be loaded (missing, truncated, of
+    another shape) are a UsageError naming the folder, not a traceback."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, cut, mis-shaped
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise UsageError(
+            f"could not load the weights of {path}: {type(e).__name__}: {' '.join(str(e).split())[:200]}. "
+            "Point --model at a complete model folder (config.json and *.safetensors or *.bin)."
+        ) from e
 
 
 def check_four_bit(four_bit: bool | None) -> None:

@@ -140,11 +140,12 @@ def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
 # ---------------------------------------------------------------- the folder
 
 
-def open_run(settings: dict) -> tuple[Path, Path | None]:
+def check_run(settings: dict) -> tuple[Path, Path | None]:
     """Check the output folder before any work: (folder, checkpoint to resume or None).
 
     A folder holding another run needs --overwrite-output-dir; --resume needs a
-    checkpoint from a run of the same kind. Nothing is deleted or overwritten on error.
+    checkpoint from a run of the same kind. Nothing is created, deleted or overwritten:
+    `start_run` does that once the data and the model have loaded.
     """
     out = Path(settings["output_dir"])
     ckpt = latest_checkpoint(out) if out.is_dir() else None
@@ -159,11 +160,18 @@ def open_run(settings: dict) -> tuple[Path, Path | None]:
             f"{out} holds another run: pass --resume to continue it, --overwrite-output-dir to "
             "replace it, or choose another --output-dir"
         )
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        raise UsageError(f"cannot write to --output-dir {out}: {existing} is not a writable folder")
+    return out, resume
+
+
+def start_run(out: Path, resume: Path | None, settings: dict) -> None:
+    """Make the folder; a fresh run (not a resume) replaces the logs and checkpoints of
+    the run it overwrites."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        (out / "args.json").write_text(json.dumps(settings, indent=1))
     except OSError as e:
         raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
     if resume is None:
@@ -171,8 +179,6 @@ def open_run(settings: dict) -> tuple[Path, Path | None]:
             (out / name).unlink(missing_ok=True)
         if (out / "checkpoints").is_dir():
             shutil.rmtree(out / "checkpoints")
-    (out / "args.json").write_text(json.dumps(settings, indent=1))
-    return out, resume
 
 
 def open_for_eval(settings: dict) -> tuple[Path, Path | None]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,10 +312,10 @@ EXPLICIT_ANSWERS = ("boxed", "####", "answer is")  # verifier methods that are a
 def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier) -> dict[str, float]:
     """Held-out accuracy: mean@k and pass@k (k samples at the training temperature; pass@k
     is the share of prompts with at least one right answer), greedy accuracy, and the
-    teacher view's greedy accuracy, to see whether the teacher still knows more than the
-    student. Of the k samples also: the share that state a final answer explicitly
-    (answered: boxed, '####' or 'the answer is', not only a last number), their mean
-    length in tokens, and the share cut off before EOS (truncated)."""
+    teacher's greedy accuracy on its view (the --teacher weights), to see whether the
+    teacher still knows more than the student. Of the k samples also: the share that
+    state a final answer explicitly (answered: boxed, '####' or 'the answer is', not only
+    a last number), their mean length in tokens, and the share cut off before EOS."""
     k = cfg.eval_samples
     settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
     settings.append(("teacher_greedy", 0.0, 1, "teacher"))
@@ -324,17 +325,20 @@ def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier
     for s in range(0, len(examples), per_call):
         chunk = examples[s : s + per_call]
         for name, temperature, n, view in settings:
-            b = rollout(
-                policy.model,
-                policy.tokenizer,
-                chunk,
-                n,
-                cfg.max_new_tokens,
-                temperature,
-                cfg.top_p,
-                cfg.seed + s,
-                view=view,
-            )
+            # the teacher view is read by the weights the run's teacher uses (--teacher)
+            role = teacher_role(policy, cfg.teacher) if view == "teacher" else nullcontext(policy.model)
+            with role as model:
+                b = rollout(
+                    model,
+                    policy.tokenizer,
+                    chunk,
+                    n,
+                    cfg.max_new_tokens,
+                    temperature,
+                    cfg.top_p,
+                    cfg.seed + s,
+                    view=view,
+                )
             verdicts = [verifier(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
             scores[name] += [v.reward for v in verdicts]
             if name == "sampled":
@@ -432,7 +436,7 @@ def run(args) -> int:
     if args.eval_only:
         out_dir, resume_from = run_folder.open_for_eval(settings)
     else:
-        out_dir, resume_from = run_folder.open_run(settings)
+        out_dir, resume_from = run_folder.check_run(settings)
     verifier = make_verifier(args.verifier, args.last_number_fallback)
     splits = data.load_splits(
         args.data,
@@ -450,6 +454,8 @@ def run(args) -> int:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy = load_policy(args, path, tokenizer, adapter=args.adapter)
+    if not args.eval_only:  # only now, with data and model loaded, is an old run replaced
+        run_folder.start_run(out_dir, resume_from, settings)
     optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
     if cfg.teacher == "ema":
         policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)

@@ -270,7 +270,7 @@ def test_bad_data_files(tiny_path, tmp_path, capsys):
     }
     expected = {
         "missing.jsonl": "not found",
-        "empty.jsonl": "",
+        "empty.jsonl": "holds no rows",
         "cols.jsonl": "needs columns 'question' and 'answer'",
         "broken.parquet": "could not read",
     }
@@ -280,6 +280,32 @@ def test_bad_data_files(tiny_path, tmp_path, capsys):
             path.write_text(text)
         code, err = main_code([*base, "--data", path, "--output-dir", tmp_path / f"{name}-out"], capsys)
         assert code == 2 and len(err) == 1 and expected[name] in err[0] and str(path) in err[0], err
+
+
+def test_a_run_that_cannot_start_keeps_the_run_it_would_replace(tiny_path, tmp_path, capsys):
+    """--overwrite-output-dir replaces an old run only once the new one's data and model
+    have loaded: bad data or unloadable weights leave the old run as it was."""
+    import shutil
+
+    old = tmp_path / "old"
+    (old / "checkpoints" / "step-000010").mkdir(parents=True)
+    (old / "metrics.jsonl").write_text('{"step": 1}\n')
+    (old / "args.json").write_text("{}")
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(tiny_path, no_weights)
+    for f in no_weights.glob("*.safetensors"):
+        f.unlink()
+    cases = [
+        (["--model", tiny_path, "--data", tmp_path / "missing.jsonl"], "not found"),
+        (["--model", no_weights], f"could not load the weights of {no_weights}"),
+    ]
+    for argv, words in cases:
+        for out in (old, tmp_path / "new"):
+            code, err = main_code([*RUN, *argv, "--overwrite-output-dir", "--output-dir", out], capsys)
+            assert code == 2 and len(err) == 1 and words in err[0], err
+        assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+        assert not (tmp_path / "new").exists()
 
 
 def test_output_dir_not_writable(tiny_path, tmp_path, capsys):

@@ -492,3 +492,35 @@ def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
     assert result["eval_pass@3"] == pytest.approx(float(sampled.amax(1).mean()))
     assert result["eval_answered"] == pytest.approx(sum(1 for i in range(1, n + 1) if i % 2) / n)
     assert 0 < result["eval_response_len"] <= 6 and 0 <= result["eval_truncated"] <= 1
+
+
+@pytest.mark.parametrize("teacher", ["live", "initial", "ema"])
+def test_evaluation_reads_the_teacher_view_with_the_teachers_weights(tiny_path, teacher, monkeypatch):
+    from verifier import Verdict
+
+    args = make_args(tiny_path, "--teacher", teacher)
+    policy = load_small_policy(args)
+    lora = [p for p in policy.model.parameters() if p.requires_grad]
+    policy.ema = EmaWeights(policy.model.parameters(), 0.5)
+    with torch.no_grad():
+        for p in lora:  # the adapter, and so the live weights, now differ from the EMA and the base
+            p.add_(0.05 * torch.randn_like(p))
+    probe = torch.tensor([[5, 9, 14, 2, 7]])
+    with torch.no_grad():
+        live = policy.model(probe).logits
+        with policy.model.disable_adapter():
+            base = policy.model(probe).logits
+        with policy.ema.swapped_in():
+            ema = policy.model(probe).logits
+    expected = {"live": live, "initial": base, "ema": ema}[teacher]
+    assert teacher == "live" or not torch.allclose(expected, live, atol=1e-4)
+    seen = {}
+
+    def spy(model, *a, view="student", **kw):
+        seen.setdefault(view, model(probe).logits)
+        return rollout(model, *a, view=view, **kw)
+
+    monkeypatch.setattr(sdpg, "rollout", spy)
+    sdpg.evaluate(policy, EXAMPLES[:2], cli.config(args), lambda c, g: Verdict(0.0, None, "none", ""))
+    torch.testing.assert_close(seen["student"], live)
+    torch.testing.assert_close(seen["teacher"], expected)
