@@ -105,6 +105,21 @@ def ours(algo: str, a) -> list[float]:
     return times
 
 
+def trl_rows(tokenizer, examples) -> list[dict]:
+    """TRL's dataset rows: the student prompt as ours renders it, the context c as ours
+    writes it (SDPO builds its teacher prompt from `privileged_context` itself)."""
+    from data import CONTEXT_TEMPLATE, render, views
+
+    return [
+        {
+            "prompt": render(tokenizer, views(e.messages)[0]),
+            "answer": e.answer,
+            "privileged_context": CONTEXT_TEMPLATE.format(answer=e.answer),
+        }
+        for e in examples
+    ]
+
+
 def trl_run(kind: str, a) -> list[float]:
     """TRL's GRPOTrainer, or its SDPO trainer with a full-logit divergence to a teacher that
     is the current model shown the privileged context (the closest TRL has to SDPG)."""
@@ -112,19 +127,10 @@ def trl_run(kind: str, a) -> list[float]:
     from peft import LoraConfig
     from transformers import AutoTokenizer, TrainerCallback
 
-    from data import DEFAULT_CONTEXT, prompt_texts
     from verifier import reward
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
-    examples = prompts((a.warmup + a.steps) * a.b)
-    rows = [
-        {
-            "prompt": prompt_texts(tokenizer, e)[0],
-            "answer": e.answer,
-            "privileged_context": DEFAULT_CONTEXT.format(answer=e.answer),
-        }
-        for e in examples
-    ]
+    rows = trl_rows(tokenizer, prompts((a.warmup + a.steps) * a.b))
 
     def rewards(completions, answer, **_):
         return [reward(c, g) for c, g in zip(completions, answer, strict=True)]

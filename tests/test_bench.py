@@ -29,3 +29,19 @@ def test_gpu_check_small_runs_on_cpu(tmp_path):
         assert step["generate_s"] > 0 and step["teacher_s"] > 0 and step["student_s"] > 0
         assert step["kl_distill"] > 0 and step["skipped_step"] == 0.0
     assert "generated tokens/s" in proc.stdout
+
+
+def test_step_bench_gives_trl_the_prompt_and_context_ours_uses(tiny):
+    """TRL itself is a bench-only install; the rows it trains on are built without it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import step_bench
+
+    from data import arithmetic_split, render, views
+
+    _, tokenizer = tiny
+    examples = arithmetic_split(3, "train")
+    rows = step_bench.trl_rows(tokenizer, examples)
+    for row, e in zip(rows, examples, strict=True):
+        student, teacher = (render(tokenizer, m) for m in views(e.messages))
+        assert row["prompt"] == student and row["answer"] == e.answer
+        assert row["privileged_context"] not in row["prompt"] and row["privileged_context"] in teacher
