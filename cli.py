@@ -196,7 +196,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g(
         "--model",
         default="tiny",
-        help="'tiny' (built offline), a local folder, a hub id, or a Qwen2.5 short name like Qwen2.5-0.5B",
+        help="'tiny' (built offline), a local folder, a .gguf file, a hub id, or a short name: "
+        "Qwen2.5-0.5B (any Qwen2.5 size), smollm2-135m",
     )
     g(
         "--data",
@@ -222,7 +223,8 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g(
         "--cache-dir",
         default=None,
-        help="where the tiny model is built (default: $SDPG_CACHE or ~/.cache/sdpg)",
+        help="where the tiny model is built and .gguf files are converted "
+        "(default: $SDPG_CACHE or ~/.cache/sdpg)",
     )
     g(
         "--tiny-warm-start-steps",
@@ -326,7 +328,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="NF4 base (default: on with CUDA)",
+        help="NF4 base (default: on with CUDA, off with --full-finetune or on a CPU)",
     )
     t(
         "--gradient-checkpointing",

@@ -280,7 +280,8 @@ def micro_batch_backward(
             kl_clamp=cfg.kl_clamp,
         )
     if cfg.entropy_coef > 0:  # a bonus: the mean entropy over all response tokens, subtracted
-        loss = loss - cfg.entropy_coef * (entropy * mask).sum() / tokens
+        bonus = cfg.entropy_coef * (entropy * mask).sum() / tokens
+        loss, metrics["loss"] = loss - bonus, metrics["loss"] - float(bonus)
     loss.backward()
     timings["teacher_s"] = timings.get("teacher_s", 0.0) + t1 - t0
     timings["student_s"] = timings.get("student_s", 0.0) + clock() - t1

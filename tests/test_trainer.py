@@ -524,3 +524,71 @@ def test_evaluation_reads_the_teacher_view_with_the_teachers_weights(tiny_path, 
     sdpg.evaluate(policy, EXAMPLES[:2], cli.config(args), lambda c, g: Verdict(0.0, None, "none", ""))
     torch.testing.assert_close(seen["student"], live)
     torch.testing.assert_close(seen["teacher"], expected)
+
+
+def test_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_path):
+    """--entropy-coef c adds -c * mean_t H(p_t) to the loss: its gradient against the
+    entropy of full-vocabulary logits, in float64."""
+    policy = load_small_policy(make_args(tiny_path, "--algo", "grpo"))
+    model, tok = policy.model, policy.tokenizer
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=5)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
+    losses, grads = [], []
+    for coef in ("0", "0.3"):
+        cfg = cli.config(make_args(tiny_path, "--algo", "grpo", "--entropy-coef", coef))
+        model.zero_grad()
+        losses.append(sdpg.backward_batch(policy, batch, sdpg.Scores(adv), cfg, {})["loss"])
+        grads.append(grads_of(model))
+    model.zero_grad()
+    ids = torch.cat([batch.student_ids, batch.response_ids], 1)
+    mask = torch.cat([batch.student_mask, batch.response_mask], 1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    log_p = torch.log_softmax(logits[:, batch.student_ids.shape[1] - 1 : -1].double() / cfg.temperature, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)  # [B*G, T]
+    m = batch.response_mask.double()
+    bonus = -0.3 * (entropy * m).sum() / m.sum()
+    bonus.backward()
+    assert losses[1] - losses[0] == pytest.approx(bonus.item(), rel=1e-4)
+    for n, g in grads_of(model).items():
+        torch.testing.assert_close(grads[1][n] - grads[0][n], g.float(), rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize("algo", ["opsd", "rlsd"])
+def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, monkeypatch):
+    """OPSD's teacher is the frozen reference reading the context, RLSD's the policy at the
+    start of the step reading it; both at temperature 1, as the authors score them."""
+    args = make_args(tiny_path, "--algo", algo)
+    policy = load_small_policy(args)
+    model = policy.model
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05 * torch.randn_like(p))
+    at_start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    seen = []
+    real = sdpg.batched_logprobs
+
+    def spy(m, batch, cfg, view="student", temperature=None):
+        out = real(m, batch, cfg, view, temperature)
+        if view == "teacher":
+            seen.append((batch, out))
+        return out
+
+    monkeypatch.setattr(sdpg, "batched_logprobs", spy)
+    optimizer = Optimizer(model.parameters(), 1e-2, 0.0)
+    sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
+    ((batch, teacher_logp),) = seen
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in at_start:
+                p.copy_(at_start[n])
+        live = response_logprobs(model, batch, 1.0, view="teacher")
+        with model.disable_adapter():
+            reference = response_logprobs(model, batch, 1.0, view="teacher")
+    expected, other = (reference, live) if algo == "opsd" else (live, reference)
+    torch.testing.assert_close(teacher_logp, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(teacher_logp, other, atol=1e-3)
