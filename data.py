@@ -15,7 +15,8 @@ is the authors' text with the gold answer in it (`--context-template`) unless a 
 gives one. INSTRUCTION is ours, not their boxed sentence, which carries an example
 answer (\boxed{42}): with it the tiny model's warm start learned its planted
 misconception less (held-out greedy 49% before RL, ours 4%) and the default SDPG run
-collapsed to empty boxes by step 80.
+collapsed to empty boxes by step 80. A question that already says how to answer (a
+\boxed answer, DAPO's 'Answer:' line) gets no instruction of ours.
 
 Sources:
 - `arithmetic`: built in, generated offline from a seed; the default task. One-digit
@@ -73,8 +74,12 @@ class Example:
 
 
 def plain_example(question: str, answer: str, context: str, instruction: str = INSTRUCTION) -> Example:
-    """A question in the authors' format: the instruction, then the token and c."""
-    content = f"{question}\n{instruction}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+    """A question in the authors' format: the instruction (none when the question already
+    says how to answer: a boxed answer or DAPO's 'Answer:' line), then the token and c."""
+    if "\\boxed" in question or DAPO_INSTRUCTION in question:
+        instruction = ""
+    asked = f"{question}\n{instruction}" if instruction else question
+    content = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
     return Example(question, answer, [{"role": "user", "content": content}])
 
 

@@ -8,7 +8,15 @@ import torch
 from transformers import AutoTokenizer
 
 import data
-from data import CONTEXT_TEMPLATE, arithmetic_split, file_examples, plain_example, prompt_texts
+from data import (
+    CONTEXT_TEMPLATE,
+    DAPO_INSTRUCTION,
+    INSTRUCTION,
+    arithmetic_split,
+    file_examples,
+    plain_example,
+    prompt_texts,
+)
 from errors import UsageError
 from rollout import (
     eos_ids,
@@ -216,14 +224,19 @@ def test_file_examples_formats_and_errors(tmp_path, capsys):
         {"question": "3+3?", "answer": "6", "context": "Six."},
         {"question": "  ", "answer": "1"},
         {"question": "5+5?", "answer": ""},
+        {"question": "7+7? Put it in \\boxed{}.", "answer": "14"},
+        {"question": f"8+8? {DAPO_INSTRUCTION}", "answer": "16"},
     ]
     p = tmp_path / "d.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows))
     ex = file_examples(p)
-    assert "skipped 2 of 5 rows with an empty question or answer" in capsys.readouterr().err
-    assert [(e.question, e.answer) for e in ex] == [("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6")]
+    assert "skipped 2 of 7 rows with an empty question or answer" in capsys.readouterr().err
+    assert [(e.question, e.answer) for e in ex][:3] == [("1+1?", "2"), ("2+2?", "4"), ("3+3?", "6")]
     contents = [e.messages[0]["content"] for e in ex]
-    assert contents[0].endswith("[TEACHER_CONTEXT_TOKEN]\n\n" + CONTEXT_TEMPLATE.format(answer="2"))
+    context = "[TEACHER_CONTEXT_TOKEN]\n\n" + CONTEXT_TEMPLATE.format(answer="2")
+    assert contents[0] == "1+1?\n" + INSTRUCTION + context
+    for row, content in zip(rows[-2:], contents[-2:], strict=True):  # it says how to answer: ours not added
+        assert content.startswith(row["question"] + "[TEACHER_CONTEXT_TOKEN]") and INSTRUCTION not in content
     assert contents[1] == rows[1]["question"]  # the authors' format: used as it is
     assert contents[2].endswith("[TEACHER_CONTEXT_TOKEN]\n\nSix.")
     csv = tmp_path / "d.csv"
