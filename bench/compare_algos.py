@@ -10,8 +10,9 @@ seed, everything else identical (the tiny preset, its mini-batches included):
   sdpg-initial   SDPG with the initial weights as teacher, beta 1 (an ablation)
 and writes into --out:
   compare_algos.md   steps to reach --target held-out accuracy, accuracy at fixed
-                     steps, final accuracy, the teacher view's final greedy accuracy,
-                     mean response length, entropy, seconds per step
+                     steps, final accuracy, the teacher's final greedy accuracy (the
+                     run's --teacher weights reading the teacher view), mean response
+                     length, entropy, seconds per step
   compare_algos.png  held-out accuracy vs step: mean over seeds and min-max band
   compare_algos.json the raw eval curves
 
@@ -92,7 +93,7 @@ def steps_to(curve: list, target: float) -> int | None:
 def summarize(results: list[dict], algos: list[str], target: float, at_steps: list[int]) -> str:
     head = f"| algo | steps to {100 * target:.0f}% (median) | " + " | ".join(f"acc @ {s}" for s in at_steps)
     lines = [
-        head + " | final acc | final greedy | teacher view, final greedy | response len | entropy (last 10) "
+        head + " | final acc | final greedy | teacher, final greedy | response len | entropy (last 10) "
         "| s / step (median) |",
         "|---" * (8 + len(at_steps)) + "|",
     ]
