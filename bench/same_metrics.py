@@ -9,9 +9,11 @@ Prints the number of rows and values compared, and every difference; exits 1 if 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from run_folder import read_jsonl  # noqa: E402
 
 MACHINE_DEPENDENT = ("_s", "tokens_per_s", "peak_mem_gb")  # key suffixes: seconds, speed, memory
 
@@ -25,7 +27,7 @@ def main() -> int:
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
     a = ap.parse_args()
-    rows = [[json.loads(x) for x in p.read_text().splitlines() if x] for p in (a.before, a.after)]
+    rows = [read_jsonl(p) for p in (a.before, a.after)]
     if len(rows[0]) != len(rows[1]):
         print(f"different row counts: {len(rows[0])} vs {len(rows[1])}")
         return 1

@@ -16,7 +16,7 @@ from conftest import SMALL_RUN, load_small_policy, small_args
 import sdpg
 from data import step_examples
 from policy import Optimizer
-from run_folder import latest_checkpoint, load_checkpoint, save_checkpoint
+from run_folder import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [*SMALL_RUN, "--micro-batch", "8", "--beta", "0.1"]
@@ -36,7 +36,7 @@ def cli(*argv, env=None, timeout=300):
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(out)
 
 
 def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):

@@ -11,6 +11,7 @@ from conftest import SMALL_RUN
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdpg
+from run_folder import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,7 +60,7 @@ def test_every_metric_reaches_every_tracker_offline(tiny_path, tmp_path, monkeyp
         pytest.importorskip(name)
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
     out = small_run(tiny_path, tmp_path / "run", "--report-to", "tensorboard,wandb,trackio")
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out)
     train = {r["step"]: r for r in rows if "reward" in r}
     assert sorted(train) == [1, 2]
 
