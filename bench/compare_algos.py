@@ -168,6 +168,7 @@ def main() -> None:
         results = json.loads(Path(a.from_json).read_text())
         a.algos = list(dict.fromkeys(r["algo"] for r in results))
         a.steps = max(s for r in results for s, *_ in r["curve"])
+        a.eval_every = results[0]["curve"][1][0] - results[0]["curve"][0][0]
         jobs = []
     else:
         subprocess.run(
@@ -180,7 +181,8 @@ def main() -> None:
     at_steps = [s for s in (25, 50, 100) if s in evals] or list(evals)[:3]
     table = summarize(results, a.algos, a.target, at_steps)
     print(table)
-    print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")
+    if jobs:
+        print(f"\n{len(jobs)} runs in {time.time() - t0:.0f} s")
     (out / "compare_algos.md").write_text(table + "\n")
     (out / "compare_algos.json").write_text(json.dumps(results, indent=1))
     plot(results, a.algos, out / "compare_algos.png", a.target)
