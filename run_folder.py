@@ -140,6 +140,19 @@ def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
 # ---------------------------------------------------------------- the folder
 
 
+def checkpoint_to_resume(out: Path, settings: dict, missing: str) -> tuple[Path | None, Path | None]:
+    """(the newest checkpoint in `out`, the one --resume takes): `yes` needs one (else the
+    UsageError `missing`), `auto` takes it when there is one, and a checkpoint resumed
+    must come from a run of the same kind."""
+    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    if settings["resume"] == "yes" and ckpt is None:
+        raise UsageError(missing)
+    resume = ckpt if settings["resume"] in ("yes", "auto") else None
+    if resume is not None:
+        check_compatible(resume, settings)
+    return ckpt, resume
+
+
 def check_run(settings: dict) -> tuple[Path, Path | None]:
     """Check the output folder before any work: (folder, checkpoint to resume or None).
 
@@ -148,14 +161,10 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
     `start_run` does that once the data and the model have loaded.
     """
     out = Path(settings["output_dir"])
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
+    missing = f"--resume: no checkpoint in {out}/checkpoints. Run without --resume to start."
+    ckpt, resume = checkpoint_to_resume(out, settings, missing)
     holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
-    if settings["resume"] == "yes" and ckpt is None:
-        raise UsageError(f"--resume: no checkpoint in {out}/checkpoints. Run without --resume to start.")
-    resume = ckpt if settings["resume"] in ("yes", "auto") else None
-    if resume is not None:
-        check_compatible(resume, settings)
-    elif holds_run and not settings["overwrite_output_dir"]:
+    if resume is None and holds_run and not settings["overwrite_output_dir"]:
         raise UsageError(
             f"{out} holds another run: pass --resume to continue it, --overwrite-output-dir to "
             "replace it, or choose another --output-dir"
@@ -185,12 +194,8 @@ def open_for_eval(settings: dict) -> tuple[Path, Path | None]:
     """--eval-only: (folder, checkpoint to evaluate or None). Nothing in the folder is
     removed; --resume needs a checkpoint of a run of the same kind."""
     out = Path(settings["output_dir"])
-    ckpt = latest_checkpoint(out) if out.is_dir() else None
-    if settings["resume"] == "yes" and ckpt is None:
-        raise UsageError(f"--eval-only --resume: no checkpoint in {out}/checkpoints")
-    resume = ckpt if settings["resume"] in ("yes", "auto") else None
-    if resume is not None:
-        check_compatible(resume, settings)
+    missing = f"--eval-only --resume: no checkpoint in {out}/checkpoints"
+    _, resume = checkpoint_to_resume(out, settings, missing)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.jsonl").touch()
