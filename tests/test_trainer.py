@@ -74,6 +74,21 @@ def test_two_steps_change_lora_and_leave_base_untouched(tiny_path, algo):
     assert not torch.allclose(response_logprobs(model, batch, 1.0), ref)  # the adapter did learn
 
 
+def full_logits(model, batch, ids, mask):
+    """Logits [B, T, V] in float64 at each response position, prompt `ids` then the response."""
+    full, m = torch.cat([ids, batch.response_ids], 1), torch.cat([mask, batch.response_mask], 1)
+    out = model(input_ids=full, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
+    return out[:, ids.shape[1] - 1 : -1].double()  # [B, T, V]
+
+
+def spread_lora_b(model):
+    """A fixed, non-zero adapter (LoRA B starts at 0), so the adapter changes the output."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+
+
 def naive_loss(
     model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live", old_logp=None, ema=None
 ):
@@ -81,21 +96,16 @@ def naive_loss(
     teacher="initial": the model with its adapter switched off; "ema": the model with the
     trainable weights replaced by `ema` (name -> tensor). old_logp: pi_old for an
     off-policy ratio with DAPO's dual clip (None: on-policy, ratio 1)."""
-
-    def logits(ids, mask):
-        full, m = torch.cat([ids, batch.response_ids], 1), torch.cat([mask, batch.response_mask], 1)
-        out = model(input_ids=full, attention_mask=m, position_ids=(m.cumsum(1) - 1).clamp(min=0)).logits
-        return out[:, ids.shape[1] - 1 : -1].double()  # [B, T, V]
-
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in (ema or {})}
     with torch.no_grad(), model.disable_adapter() if teacher == "initial" else nullcontext():
         for n, w in (ema or {}).items():
             params[n].copy_(w)
-        log_q = torch.log_softmax(logits(batch.teacher_ids, batch.teacher_mask), -1)
+        log_q = torch.log_softmax(full_logits(model, batch, batch.teacher_ids, batch.teacher_mask), -1)
         for n, w in saved.items():
             params[n].copy_(w)
-    log_p = torch.log_softmax(logits(batch.student_ids, batch.student_mask), -1)  # after the swap
+    student = full_logits(model, batch, batch.student_ids, batch.student_mask)  # after the swap
+    log_p = torch.log_softmax(student, -1)
     logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(max=20.0)
     a = adv[:, None].double()
@@ -196,10 +206,7 @@ def test_gradient_accumulation_is_micro_batch_invariant(tiny_path):
     args = make_args(tiny_path, "--alpha", "0.1")
     policy = load_small_policy(args)
     model, tok = policy.model, policy.tokenizer
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+    spread_lora_b(model)
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=11)
     with model.disable_adapter():
         ref_logp = response_logprobs(model, batch, 1.0)
@@ -531,10 +538,7 @@ def test_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_path):
     entropy of full-vocabulary logits, in float64."""
     policy = load_small_policy(make_args(tiny_path, "--algo", "grpo"))
     model, tok = policy.model, policy.tokenizer
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.linspace(-0.05, 0.05, p.numel()).view_as(p))
+    spread_lora_b(model)
     batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=5)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
     losses, grads = [], []
@@ -544,10 +548,8 @@ def test_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_path):
         losses.append(sdpg.backward_batch(policy, batch, sdpg.Scores(adv), cfg, {})["loss"])
         grads.append(grads_of(model))
     model.zero_grad()
-    ids = torch.cat([batch.student_ids, batch.response_ids], 1)
-    mask = torch.cat([batch.student_mask, batch.response_mask], 1)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    log_p = torch.log_softmax(logits[:, batch.student_ids.shape[1] - 1 : -1].double() / cfg.temperature, -1)
+    logits = full_logits(model, batch, batch.student_ids, batch.student_mask)  # [B*G, T, V]
+    log_p = torch.log_softmax(logits / cfg.temperature, -1)
     entropy = -(log_p.exp() * log_p).sum(-1)  # [B*G, T]
     m = batch.response_mask.double()
     bonus = -0.3 * (entropy * m).sum() / m.sum()
@@ -564,10 +566,7 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
     args = make_args(tiny_path, "--algo", algo)
     policy = load_small_policy(args)
     model = policy.model
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.add_(0.05 * torch.randn_like(p))
+    spread_lora_b(model)
     at_start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     seen = []
     real = sdpg.batched_logprobs
