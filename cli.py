@@ -400,6 +400,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults the user left unset (None) and check every flag; UsageError on bad
     input. A flag the user gave is never changed."""
+    if args.output_dir is None and args.resume == "yes":
+        raise UsageError("--resume continues the run in --output-dir: name that folder")
+    if args.output_dir is not None and not args.output_dir.strip():
+        raise UsageError("--output-dir is empty: name a folder for the run, or leave the flag out")
     if args.output_dir is None:
         args.output_dir = f"runs/{args.algo}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.algo in ("grpo", "opsd", "rlsd"):

@@ -281,7 +281,13 @@ def file_examples(path: str | Path, context_template: str = CONTEXT_TEMPLATE) ->
         )
     if len(ds) == 0:
         raise UsageError(f"{path} holds no rows")
-    rows = [row_example(row, context_template) for row in ds]
+    try:
+        rows = [row_example(row, context_template) for row in ds]
+    except (UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:  # text or shapes it cannot use
+        raise UsageError(
+            f"could not read the rows of {path} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
+            "it must be UTF-8, and a verl-format 'prompt' must be a list of {role, content} messages"
+        ) from e
     out = [e for e in rows if e is not None]
     if len(out) < len(rows):
         print(
@@ -289,7 +295,7 @@ def file_examples(path: str | Path, context_template: str = CONTEXT_TEMPLATE) ->
             file=sys.stderr,
         )
     if not out:
-        raise UsageError(f"{path}: every row has an empty question or answer; nothing to train on")
+        raise UsageError(f"{path}: every row has an empty question or answer; nothing to use")
     return out
 
 

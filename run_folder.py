@@ -21,6 +21,7 @@ pickled objects. Nothing is deleted or overwritten before the flags have been ch
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
 from errors import UsageError
@@ -75,19 +77,25 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, keep: int, ema=None) -> Path:
     """Write checkpoints/step-<step> atomically, then drop all but the newest `keep`.
-    `ema` (an EMA teacher's weights, if any) is saved beside the optimizer."""
+    `ema` (an EMA teacher's weights, if any) is saved beside the optimizer. A write that
+    fails (a full disk) removes its temporary folder and is a UsageError: the checkpoints
+    already there are untouched."""
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    if is_peft(model):
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    else:
-        save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    if ema is not None:
-        torch.save(ema.state_dict(), tmp / "teacher_ema.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "args": settings}, indent=1))
+    try:
+        if is_peft(model):
+            model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), tmp / "teacher_ema.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "args": settings}, indent=1))
+    except (OSError, RuntimeError, SafetensorError) as e:  # safetensors and torch.save wrap ENOSPC
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(f"checkpoint step-{step:06d}", out_dir, e) from e
     final = root / f"step-{step:06d}"
     if final.exists():  # the same step saved again (e.g. Ctrl-C right after a save)
         shutil.rmtree(final)
@@ -97,6 +105,16 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, 
     return final
 
 
+def write_error(what: str, out_dir: Path, e: Exception) -> UsageError:
+    """One line for a write into the run folder that failed (a full disk, most often)."""
+    last = latest_checkpoint(out_dir)
+    kept = f"the newest complete checkpoint, {last}, is intact" if last else "no checkpoint was saved yet"
+    return UsageError(
+        f"could not write the {what} into {out_dir}: {' '.join(str(e).split())[:160]}; {kept}. "
+        "Free some space (or choose another --output-dir), then run again with --resume"
+    )
+
+
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint (temporary folders of a broken save are ignored)."""
     done = [p for p in sorted((out_dir / "checkpoints").glob("step-*")) if (p / "state.json").exists()]
@@ -104,13 +122,23 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def check_compatible(path: Path, settings: dict) -> dict:
-    """The checkpoint's state; UsageError if it belongs to a different kind of run."""
-    state = json.loads((path / "state.json").read_text())
-    saved = state["args"]
+    """The checkpoint's state; UsageError if it belongs to a different kind of run. A key
+    that an older version did not record is not compared (one note says which)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        saved = state["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(path, e) from e
+    unrecorded = [k for k in IDENTITY if k not in saved]
+    if unrecorded:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unrecorded)
+        print(
+            f"note: {path} does not record {flags} (an older version); assuming they match", file=sys.stderr
+        )
     diff = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {settings[k]!r} (now)"
+        f"--{k.replace('_', '-')} {saved[k]!r} (checkpoint) vs {settings[k]!r} (now)"
         for k in IDENTITY
-        if saved.get(k) != settings[k]
+        if k in saved and saved[k] != settings[k]
     ]
     if diff:
         raise UsageError(
@@ -121,20 +149,35 @@ def check_compatible(path: Path, settings: dict) -> dict:
     return state
 
 
+def damaged(path: Path, e: Exception) -> UsageError:
+    """One line for a checkpoint that cannot be read; nothing is deleted."""
+    older = [p for p in sorted(path.parent.glob("step-*")) if p.name < path.name]
+    hint = (
+        f"move it aside to resume from the one before, {older[-1].name}"
+        if older
+        else "move it aside and start again without --resume"
+    )
+    return UsageError(f"checkpoint {path} is damaged ({type(e).__name__}): {hint}")
+
+
 def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
     """Restore weights, optimizer (with its lr schedule), EMA teacher and RNG states;
-    returns the step to continue from."""
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
+    returns the step to continue from. A file that cannot be read is a UsageError that
+    names the checkpoint to fall back on."""
+    try:
+        if is_peft(model):
+            from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
-    else:
-        load_model(model, str(path / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    if ema is not None:
-        ema.load_state_dict(torch.load(path / "teacher_ema.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())["step"]
+            set_peft_model_state_dict(model, load_file(str(path / "adapter" / "adapter_model.safetensors")))
+        else:
+            load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if ema is not None:
+            ema.load_state_dict(torch.load(path / "teacher_ema.pt", weights_only=True))
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        return json.loads((path / "state.json").read_text())["step"]
+    except Exception as e:  # torch.load and safetensors raise many types for a damaged file
+        raise damaged(path, e) from e
 
 
 # ---------------------------------------------------------------- the folder
@@ -169,17 +212,34 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
             f"{out} holds another run: pass --resume to continue it, --overwrite-output-dir to "
             "replace it, or choose another --output-dir"
         )
+    if resume is not None:
+        step = json.loads((resume / "state.json").read_text())["step"]
+        if step > settings["steps"]:
+            raise UsageError(f"{resume} is at step {step}, past --steps {settings['steps']}: raise --steps")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
         raise UsageError(f"cannot write to --output-dir {out}: {existing} is not a writable folder")
     return out, resume
 
 
-def start_run(out: Path, resume: Path | None, settings: dict) -> None:
-    """Make the folder; a fresh run (not a resume) replaces the logs and checkpoints of
-    the run it overwrites."""
+def start_run(out: Path, resume: Path | None, settings: dict):
+    """Make the folder and lock it for this process; a fresh run (not a resume) replaces
+    the logs and checkpoints of the run it overwrites. Returns the lock: the run holds it
+    until it exits, so a second run started on the same folder stops with one line
+    instead of writing into the same files."""
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock = (out / ".lock").open("a")
+    except OSError as e:
+        raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        lock.close()
+        raise UsageError(
+            f"another run is writing to {out} right now: wait for it to end, or choose another --output-dir"
+        ) from e
+    try:
         (out / "args.json").write_text(json.dumps(settings, indent=1))
     except OSError as e:
         raise UsageError(f"cannot write to --output-dir {out}: {e.strerror}") from e
@@ -188,6 +248,7 @@ def start_run(out: Path, resume: Path | None, settings: dict) -> None:
             (out / name).unlink(missing_ok=True)
         if (out / "checkpoints").is_dir():
             shutil.rmtree(out / "checkpoints")
+    return lock
 
 
 def open_for_eval(settings: dict) -> tuple[Path, Path | None]:
@@ -258,26 +319,36 @@ def bad_steps_message(max_bad_steps: int, lr: float, beta: float, out_dir: Path)
 
 class RunLog:
     """Where a run's rows go: metrics.jsonl (and curves.png), samples.jsonl, and the
-    experiment trackers (trackers.Trackers, or None)."""
+    experiment trackers (trackers.Trackers, or None). A row that cannot be written (a
+    full disk) is a UsageError that says which checkpoint is intact. `lock` (from
+    start_run) is released by close."""
 
-    def __init__(self, out_dir: Path, trackers=None):
-        self.out_dir, self.trackers = out_dir, trackers
+    def __init__(self, out_dir: Path, trackers=None, lock=None):
+        self.out_dir, self.trackers, self.lock = out_dir, trackers, lock
 
     def metrics(self, row: dict, plot: bool = False) -> None:
-        log_metrics(self.out_dir, row)
+        try:
+            log_metrics(self.out_dir, row)
+            if plot:
+                plot_curves(self.out_dir)
+        except OSError as e:
+            raise write_error("metrics", self.out_dir, e) from e
         if self.trackers is not None:
             self.trackers.log(row)
-        if plot:
-            plot_curves(self.out_dir)
 
     def samples(self, step: int, rows: list[dict]) -> None:
-        write_samples(self.out_dir, rows)
+        try:
+            write_samples(self.out_dir, rows)
+        except OSError as e:
+            raise write_error("samples", self.out_dir, e) from e
         if self.trackers is not None:
             self.trackers.log_samples(step, rows)
 
     def close(self) -> None:
         if self.trackers is not None:
             self.trackers.close()
+        if self.lock is not None:
+            self.lock.close()
 
 
 def truncate_logs(out_dir: Path, step: int) -> None:
@@ -319,26 +390,37 @@ def plot_curves(out_dir: Path) -> None:
 def save_policy(model, tokenizer, out_dir: Path) -> Path:
     """The LoRA adapter in PEFT format (or the full model), safetensors, with the tokenizer."""
     target = out_dir / ("adapter" if is_peft(model) else "model")
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    try:
+        model.save_pretrained(target, safe_serialization=True)
+        tokenizer.save_pretrained(target)
+    except (OSError, SafetensorError) as e:
+        raise write_error(target.name, out_dir, e) from e
     return target
 
 
 class StopOnCtrlC:
-    """The first Ctrl-C asks the loop to stop after the current step; a second one
-    interrupts at once."""
+    """The first Ctrl-C (SIGINT), or a SIGTERM from a scheduler or `docker stop`, asks the
+    loop to stop after the current step; a second one interrupts at once. `exit_code`
+    is 128 + the signal's number (130, 143), as a shell reports it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self.exit_code = 0
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
-    def _handle(self, *_):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
-        print("\nstopping after this step (Ctrl-C again to abort now)", file=sys.stderr)
+    def _handle(self, signum, _frame):
+        self.requested, self.exit_code = True, 128 + signum
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        print(
+            f"\nstopping after this step ({signal.Signals(signum).name}; again to abort now)", file=sys.stderr
+        )
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -378,7 +378,7 @@ def train(
     start: int,
 ) -> int:
     """Steps start+1 .. cfg.steps with evals, logs and checkpoints; returns the exit code
-    (0, or 130 when stopped by Ctrl-C). `verifier(completion, gold)` gives a Verdict."""
+    (0, or 130 / 143 when stopped by Ctrl-C / SIGTERM). `verifier(completion, gold)` gives a Verdict."""
     train_set, eval_set = splits
     reward_fn = lambda completion, gold: verifier(completion, gold).reward  # noqa: E731
     out_dir = log.out_dir
@@ -387,6 +387,8 @@ def train(
         log.metrics({"step": 0, **first})
         print(f"step 0 held-out accuracy: {format_accuracy(first)}")
     bar = tqdm(range(start, cfg.steps), desc=cfg.algo, dynamic_ncols=True, initial=start, total=cfg.steps)
+    if start >= cfg.steps:
+        print(f"the run is already at step {start} of --steps {cfg.steps}: nothing to train", file=sys.stderr)
     with run_folder.StopOnCtrlC() as ctrl_c:
         for step in bar:
             examples = data.step_examples(train_set, step, cfg.batch_prompts, cfg.seed)
@@ -417,7 +419,7 @@ def train(
                     f"stopped at step {done}; checkpoint saved in {saved}. Resume with --resume.",
                     file=sys.stderr,
                 )
-                return 130
+                return ctrl_c.exit_code
     run_folder.save_policy(policy.model, policy.tokenizer, out_dir)
     evals = [r for r in run_folder.read_metrics(out_dir) if any(k.startswith("eval_") for k in r)]
     first, last = ({k: v for k, v in r.items() if k.startswith("eval_")} for r in (evals[0], evals[-1]))
@@ -455,8 +457,8 @@ def run(args) -> int:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy = load_policy(args, path, tokenizer, adapter=args.adapter)
-    if not args.eval_only:  # only now, with data and model loaded, is an old run replaced
-        run_folder.start_run(out_dir, resume_from, settings)
+    # only now, with data and model loaded, is an old run replaced (and the folder locked)
+    lock = None if args.eval_only else run_folder.start_run(out_dir, resume_from, settings)
     optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
     if cfg.teacher == "ema":
         policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
@@ -469,7 +471,7 @@ def run(args) -> int:
     if resume_from is not None:
         run_folder.truncate_logs(out_dir, start)
     log = run_folder.RunLog(
-        out_dir, Trackers(args.report_to, out_dir, out_dir.name, settings) if args.report_to else None
+        out_dir, Trackers(args.report_to, out_dir, out_dir.name, settings) if args.report_to else None, lock
     )
     try:
         code = train(policy, optimizer, splits, cfg, verifier, log, settings, start)
@@ -509,6 +511,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
+    except KeyboardInterrupt:  # outside a training step (loading, the first eval): nothing to save
+        if args.debug:
+            raise
+        print("\nerror: stopped by Ctrl-C; checkpoints already written are intact", file=sys.stderr)
+        return 130
 
 
 def quiet_libraries() -> None:

@@ -11,10 +11,8 @@ model is a randomly initialised `Qwen2ForCausalLM` of a few layers. Both are sav
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
+from cache import cache_root, filled_once
 from data import Example, arithmetic_split, encode, prompt_texts
 
 EOS = "<|endoftext|>"
@@ -109,29 +108,24 @@ def build_tiny_model(
     return path
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """--cache-dir, else $SDPG_CACHE, else ~/.cache/sdpg."""
-    return Path(cache_dir or os.environ.get("SDPG_CACHE") or Path.home() / ".cache" / "sdpg")
-
-
 def ensure_tiny_model(
     cache_dir: str | None = None, seed: int = 0, warm_start_steps: int = WARM_START_STEPS
 ) -> Path:
-    """The cached tiny model folder, built on first use (into a temporary folder, then
-    renamed, so an interrupted build never leaves a half-written model behind)."""
-    path = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}-warm{warm_start_steps}"
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        folder = build_tiny_model(Path(tmp) / "model", seed=seed)
-        model = Qwen2ForCausalLM.from_pretrained(folder)
-        tokenizer = Qwen2Tokenizer.from_pretrained(folder)
-        torch.manual_seed(seed)
-        warm_start(model, tokenizer, warm_start_steps, seed=seed)
-        model.save_pretrained(folder)
-        os.replace(folder, path)
-    return path
+    """The cached tiny model folder, built and warm-started on first use (`cache.filled_once`:
+    safe when several runs start at once or one is killed while building). 0 warm-start
+    steps keep the random initialisation."""
+
+    def build(folder: Path) -> None:
+        build_tiny_model(folder, seed=seed)
+        if warm_start_steps > 0:
+            model = Qwen2ForCausalLM.from_pretrained(folder)
+            tokenizer = Qwen2Tokenizer.from_pretrained(folder)
+            torch.manual_seed(seed)
+            warm_start(model, tokenizer, warm_start_steps, seed=seed)
+            model.save_pretrained(folder)
+
+    entry = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}-warm{warm_start_steps}"
+    return filled_once(entry, build, "the tiny model")
 
 
 def misconception(ex: Example) -> str:

@@ -93,9 +93,13 @@ class Trackers:
             self.trackio.log({"samples": trackio.Table(columns=list(SAMPLE_COLUMNS), data=data)}, step=step)
 
     def close(self) -> None:
+        """Finish every run now, not at interpreter exit (where W&B and Trackio would
+        otherwise flush and print after everything else)."""
         if "tensorboard" in self.names:
             self.tensorboard.close()
         if "wandb" in self.names:
             self.wandb.finish()
         if "trackio" in self.names:
-            self.trackio.finish()
+            import trackio
+
+            trackio.finish()  # the module's finish also forgets the run, so atexit has nothing left

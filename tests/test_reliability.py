@@ -104,7 +104,8 @@ def test_adapter_loads_with_peft_and_merges(tiny_path, tmp_path):
         assert (out / name).exists()
 
 
-def test_ctrl_c_saves_and_exits_130(tiny_path, tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_the_signal(signum, code, tiny_path, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -128,9 +129,9 @@ def test_ctrl_c_saves_and_exits_130(tiny_path, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "samples.jsonl").exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and "checkpoint saved in" in err
     step = json.loads((ckpt / "state.json").read_text())["step"]
@@ -138,12 +139,13 @@ def test_ctrl_c_saves_and_exits_130(tiny_path, tmp_path):
 
 
 def main_code(argv, capsys) -> tuple[int, list[str]]:
-    """sdpg.main in this process: (exit code, stderr lines)."""
+    """sdpg.main in this process: (exit code, stderr lines other than progress bars)."""
     try:
         code = sdpg.main([str(x) for x in argv])
     except SystemExit as e:  # argparse
         code = e.code
-    return code, capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    return code, [x for x in lines if x.strip() and not re.search(r"\d%\|", x)]
 
 
 def test_resume_refuses_another_kind_of_run(tiny_path, tmp_path, capsys):
@@ -289,16 +291,22 @@ def test_bad_data_files(tiny_path, tmp_path, capsys):
         "empty.jsonl": "",
         "cols.jsonl": '{"prompt": "x", "solution": "1"}\n',
         "broken.parquet": "not a parquet file",
+        "latin1.jsonl": b'{"question": "\xff\xfe", "answer": "1"}\n',
+        "verl.jsonl": '{"prompt": "what is 1+1", "reward_model": {"ground_truth": "2"}}\n',
     }
     expected = {
         "missing.jsonl": "not found",
         "empty.jsonl": "holds no rows",
         "cols.jsonl": "needs columns 'question' and 'answer'",
         "broken.parquet": "could not read",
+        "latin1.jsonl": "could not read the rows of",
+        "verl.jsonl": "'prompt' must be a list of {role, content} messages",
     }
     for name, text in cases.items():
         path = tmp_path / name
-        if text is not None:
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
             path.write_text(text)
         code, err = main_code([*base, "--data", path, "--output-dir", tmp_path / f"{name}-out"], capsys)
         assert code == 2 and len(err) == 1 and expected[name] in err[0] and str(path) in err[0], err
@@ -328,6 +336,104 @@ def test_a_run_that_cannot_start_keeps_the_run_it_would_replace(tiny_path, tmp_p
             assert code == 2 and len(err) == 1 and words in err[0], err
         assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
         assert not (tmp_path / "new").exists()
+
+
+def test_lora_targets_an_adapter_of_another_model_and_a_folder_without_tokenizer(tiny_path, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = ["--model", tiny_path, *RUN, "--steps", "1"]
+    code, err = main_code([*base, "--lora-target-modules", "qproj", "--output-dir", tmp_path / "a"], capsys)
+    assert code == 2 and len(err) == 1 and "--lora-target-modules qproj" in err[0] and "q_proj" in err[0], err
+    adapter = tmp_path / "adapter"  # rank 8 on a 999-wide layer: another model's adapter
+    adapter.mkdir()
+    config = {
+        "peft_type": "LORA",
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": ["q_proj"],
+        "task_type": "CAUSAL_LM",
+    }
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({key: torch.zeros(8, 999)}, str(adapter / "adapter_model.safetensors"))
+    code, err = main_code([*base, "--adapter", adapter, "--output-dir", tmp_path / "b"], capsys)
+    assert code == 2 and len(err) == 1 and f"--adapter {adapter} does not fit" in err[0], err
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_path, bare, ignore=shutil.ignore_patterns("*token*", "vocab*", "merges*"))
+    code, err = main_code(["--model", bare, *RUN, "--output-dir", tmp_path / "c"], capsys)
+    assert code == 2 and len(err) == 1 and "tokenizer" in err[0], err
+    assert not any((tmp_path / x).exists() for x in "abc")  # nothing was started
+
+
+def test_a_full_disk_keeps_the_checkpoints_already_written(tiny_path, tmp_path, monkeypatch, capsys):
+    import run_folder
+
+    real, saves = torch.save, []
+
+    def save_until_full(obj, path, *a, **k):
+        saves.append(path)
+        if len(saves) > 2:  # the second checkpoint's optimizer.pt (the first wrote it and rng.pt)
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(run_folder.torch, "save", save_until_full)
+    out = tmp_path / "run"
+    code, err = main_code(
+        ["--model", tiny_path, *RUN, "--steps", "3", "--save-every", "1", "--output-dir", out], capsys
+    )
+    assert code == 2 and len(err) == 1 and "could not write the checkpoint step-000002" in err[0], err
+    assert "step-000001, is intact" in err[0] and "--resume" in err[0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001"]  # no half-written one
+    monkeypatch.setattr(run_folder.torch, "save", real)
+    code, err = main_code(
+        ["--model", tiny_path, *RUN, "--steps", "3", "--output-dir", out, "--resume"], capsys
+    )
+    assert code == 0 and [r["step"] for r in metrics(out)] == [0, 1, 2, 3]
+
+
+def test_a_damaged_or_old_checkpoint_and_steps_behind_it(tiny_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--model", tiny_path, *RUN, "--output-dir", out]
+    assert main_code([*base, "--steps", "2", "--save-every", "1"], capsys)[0] == 0
+    newest = out / "checkpoints" / "step-000002"
+    state = json.loads((newest / "state.json").read_text())
+    del state["args"]["teacher"]  # a key an older version did not record
+    (newest / "state.json").write_text(json.dumps(state))
+    code, err = main_code([*base, "--steps", "1", "--resume"], capsys)
+    assert code == 2 and "is at step 2, past --steps 1: raise --steps" in err[-1], err
+    (newest / "optimizer.pt").write_bytes(b"garbage")
+    code, err = main_code([*base, "--steps", "3", "--resume"], capsys)
+    assert err[0] == f"note: {newest} does not record --teacher (an older version); assuming they match"
+    assert code == 2 and err[-1] == (
+        f"error: checkpoint {newest} is damaged (UnpicklingError): move it aside to resume from the one "
+        "before, step-000001"
+    )
+    assert (newest / "optimizer.pt").read_bytes() == b"garbage"  # nothing deleted
+
+
+def test_a_second_run_on_the_same_folder_stops_while_the_first_holds_it(tmp_path):
+    import run_folder
+    from errors import UsageError
+
+    out = tmp_path / "run"
+    lock = run_folder.start_run(out, None, {"x": 1})
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UsageError, match="another run is writing to .* right now"):
+        run_folder.start_run(out, None, {"x": 2})
+    assert (out / "metrics.jsonl").exists() and json.loads((out / "args.json").read_text()) == {"x": 1}
+    lock.close()
+    run_folder.start_run(out, None, {"x": 3}).close()  # free again once the first has exited
+
+
+def test_ctrl_c_before_the_first_step_is_one_line(tiny_path, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sdpg, "evaluate", interrupted)
+    code, err = main_code(["--model", tiny_path, *RUN, "--output-dir", tmp_path / "o"], capsys)
+    assert code == 130 and err == ["error: stopped by Ctrl-C; checkpoints already written are intact"]
 
 
 def test_output_dir_not_writable(tiny_path, tmp_path, capsys):

@@ -94,6 +94,12 @@ def test_every_metric_reaches_every_tracker_offline(tiny_path, tmp_path, monkeyp
     samples = by_step[1]["samples"]["_value"]
     assert len(samples) == 4 and {"extracted", "method", "completion"} <= set(samples[0])
 
+    import trackio
+    import wandb
+
+    # closed by the run that opened them: nothing left for interpreter exit to flush and print
+    assert trackio.context_vars.current_run.get() is None and wandb.run is None
+
 
 def test_a_tracker_that_is_not_installed_is_one_line(tiny_path, tmp_path, monkeypatch, capsys):
     import importlib.util
