@@ -13,12 +13,13 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from data import CONTEXT_TEMPLATE
+from data import CONTEXT_TEMPLATES, INSTRUCTIONS
 from errors import UsageError
-from losses import AGG_MODES, DEFAULT_CHUNK, KL_CLAMP, KL_MODES
+from losses import AGG_MODES, DEFAULT_CHUNK, DIVERGENCES, KL_CLAMP, KL_MODES, LossSettings
 from policy import SHORT_NAMES, check_four_bit
 from tiny_model import WARM_START_STEPS
 from trackers import parse_report_to
+from verifier import answer_format
 
 ALGOS = ("sdpg", "grpo", "opd", "opsd", "rlsd")
 OPSD_ENTROPY_COEF = 0.02  # their OPSD script for Qwen3-4B, boxed answers (0.01 in the 1.7B one)
@@ -46,6 +47,8 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
+        context_template="authors",  # the text its warm start was trained on (auto picks it too)
+        instruction="boxed",  # the sentence its warm start was trained on
     ),
     # Small real chat models on a CPU (smollm2-135m, .gguf files): short answers, a sampling
     # temperature at which they still answer (SmolLM2-135M-Instruct, sampled answers right
@@ -71,6 +74,8 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
+        context_template="auto",  # SmolLM2-135M: the authors' text makes its teacher worse (README)
+        instruction="answer-is",  # SmolLM2-135M writes "The answer is N"; it never fills \boxed{}
     ),
     "hub": dict(
         data="gsm8k",
@@ -92,6 +97,8 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
+        context_template="auto",  # chosen on training questions; `authors` for the paper's exact text
+        instruction="boxed",
     ),
 }
 # The authors' optimizer recipe (full fine-tuning): lr 1e-6, AdamW weight decay 0.1, and a
@@ -128,7 +135,10 @@ class Config:
     positive_adv_only: bool
     teacher: str
     teacher_ema_decay: float
+    teacher_contrast: bool
     kl_clamp: float | None
+    distill_divergence: str
+    jsd_lambda: float
     entropy_coef: float
     rlsd_lambda: float
     rlsd_lambda_decay_steps: int
@@ -161,6 +171,21 @@ class Config:
     save_every: int
     keep_checkpoints: int
     max_bad_steps: int
+
+    @property
+    def loss(self) -> LossSettings:
+        """The objective's fixed knobs, as every algorithm's loss reads them."""
+        return LossSettings(
+            alpha=self.alpha,
+            kl_mode=self.kl_mode,
+            positive_adv_only=self.positive_adv_only,
+            kl_clamp=self.kl_clamp,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            clip_c=self.clip_c,
+            agg=self.loss_agg,
+            rlsd_eps_w=self.rlsd_eps_w,
+        )
 
 
 def config(args: argparse.Namespace) -> Config:
@@ -208,9 +233,29 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g("--eval-data", default=None, help="held-out file (default: the task's test split)")
     g(
         "--context-template",
-        default=CONTEXT_TEMPLATE,
-        help="the teacher's privileged context c for built-in tasks and rows without one; {answer} is "
-        "the gold answer",
+        default=None,
+        help="the teacher's privileged context c for built-in tasks and rows without one: text with "
+        "{answer} for the gold answer, a name (" + ", ".join(CONTEXT_TEMPLATES) + "; authors: the paper's), "
+        "or auto: the name whose teacher view answers training questions best",
+    )
+    g(
+        "--context-candidates",
+        nargs="+",
+        default=[],
+        metavar="TEMPLATE",
+        help="more phrasings for --context-template auto to choose from",
+    )
+    g(
+        "--instruction",
+        default=None,
+        help="the sentence after each plain question: text, or a name (" + ", ".join(INSTRUCTIONS) + "); "
+        "the verifier reads the format it asks for first",
+    )
+    g(
+        "--check-size",
+        type=int,
+        default=32,
+        help="training questions the teacher check (and auto) answer greedily before step 1 (0: no check)",
     )
     g("--max-prompt-length", type=int, default=None, help="longer prompts are dropped, with a count")
     g("--verifier", choices=("rule", "math-verify"), default="rule", help="reward backend")
@@ -257,10 +302,31 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     o("--teacher-ema-decay", type=float, default=0.99, help="--teacher ema: decay per optimizer step")
     o(
+        "--teacher-contrast",
+        action="store_true",
+        help="distil toward q' ∝ p q_right / q_wrong: the teacher given the gold answer against the "
+        "same teacher given a wrong one, so the context's style cancels (README, 'The style leak'; not "
+        "the paper's)",
+    )
+    o(
         "--kl-clamp",
         type=float,
         default=KL_CLAMP,
         help="per-token distillation KL clamped at this many nats, as the authors do (0: off)",
+    )
+    o(
+        "--distill-divergence",
+        choices=DIVERGENCES,
+        default="reverse",
+        help="the distillation term D(p, SG[q]): reverse KL(p || q) (the paper's), forward KL(q || p), or "
+        "the generalized JSD (see --jsd-lambda)",
+    )
+    o(
+        "--jsd-lambda",
+        type=float,
+        default=0.5,
+        help="jsd: lam KL(q || m) + (1 - lam) KL(p || m), m = (1 - lam) p + lam q (TRL's GKD beta): "
+        "toward forward KL as lam -> 0, reverse as lam -> 1",
     )
     o(
         "--entropy-coef",
@@ -425,6 +491,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if not mini_given and args.batch_prompts % args.mini_batch_prompts:  # the preset's does not fit
         args.mini_batch_prompts = args.batch_prompts
     args.kl_clamp = args.kl_clamp or None  # 0: off
+    args.context_template = CONTEXT_TEMPLATES.get(args.context_template, args.context_template)
+    args.instruction = INSTRUCTIONS.get(args.instruction, args.instruction)
     check(args)
     return args
 
@@ -454,14 +522,41 @@ def check(args: argparse.Namespace) -> None:
             f"--mini-batch-prompts {args.mini_batch_prompts} must divide --batch-prompts "
             f"{args.batch_prompts}: every optimizer step takes the same number of whole groups"
         )
+    if args.teacher_contrast and args.algo not in ("sdpg", "opd"):
+        raise UsageError(
+            f"--teacher-contrast changes the distillation teacher, and --algo {args.algo} has none"
+        )
+    if not 0 < args.jsd_lambda < 1:
+        raise UsageError(
+            f"--jsd-lambda must be in (0, 1), got {args.jsd_lambda}: its ends are --distill-divergence "
+            "forward (0) and reverse (1)"
+        )
+    if args.distill_divergence != "reverse" and args.algo in ("grpo", "opsd", "rlsd"):
+        raise UsageError(
+            f"--algo {args.algo} has no full-vocabulary distillation term: drop --distill-divergence"
+        )
     if not 0 <= args.teacher_ema_decay < 1:
         raise UsageError(f"--teacher-ema-decay must be in [0, 1), got {args.teacher_ema_decay}")
-    try:
-        args.context_template.format(answer="42")
-    except (KeyError, IndexError, ValueError) as e:
+    for flag, template in [("--context-template", args.context_template)] + [
+        ("--context-candidates", t) for t in args.context_candidates
+    ]:
+        try:
+            template.format(answer="42")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UsageError(
+                f"{flag} may only hold the field {{answer}} (write other braces twice): {e!r}"
+            ) from e
+    if args.context_template == "auto" and args.check_size < 1:
+        raise UsageError("--context-template auto chooses on training questions: give --check-size >= 1")
+    if args.context_candidates and args.context_template != "auto":
         raise UsageError(
-            f"--context-template may only hold the field {{answer}} (write other braces twice): {e!r}"
-        ) from e
+            "--context-candidates are for --context-template auto: add it, or drop the candidates"
+        )
+    if args.verifier == "rule" and not args.last_number_fallback and answer_format(args.instruction) is None:
+        raise UsageError(
+            "--instruction asks for no format the rule verifier reads (\\boxed{}, '#### N', "
+            "'The answer is N') and --no-last-number-fallback leaves it nothing: ask for one of them"
+        )
     if args.num_generations < 2:
         raise UsageError(
             f"--num-generations must be >= 2 to form a group advantage, got {args.num_generations}"
@@ -470,6 +565,7 @@ def check(args: argparse.Namespace) -> None:
         args.eval_every < 0
         or args.save_every < 0
         or args.tiny_warm_start_steps < 0
+        or args.check_size < 0
         or args.temperature <= 0
         or not 0 < args.top_p <= 1
         or args.lr <= 0
@@ -481,7 +577,8 @@ def check(args: argparse.Namespace) -> None:
         or not 0 <= args.rlsd_eps_w < 1
     ):
         raise UsageError(
-            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --temperature > 0, "
+            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --check-size >= 0, "
+            "--temperature > 0, "
             "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0, --kl-clamp >= 0, "
             "--entropy-coef >= 0, --rlsd-lambda-decay-steps >= 0 and 0 <= --rlsd-eps-w < 1"
         )
@@ -526,6 +623,11 @@ def verl_overrides(args: argparse.Namespace) -> list[str]:
         raise UsageError(
             "the verl recipe has no key for --algo opd, another --teacher than the algorithm's own "
             "(live; opsd: initial) or another --kl-clamp (theirs is fixed at 20): drop those flags"
+        )
+    if args.distill_divergence != "reverse" or args.teacher_contrast:
+        raise UsageError(
+            "the verl recipe distils with the reverse KL from the plain teacher only: drop "
+            "--distill-divergence and --teacher-contrast"
         )
     pl = "actor_rollout_ref.actor.policy_loss"
     actor = "actor_rollout_ref.actor"

@@ -38,10 +38,12 @@ Sources:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 import sys
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,28 +61,82 @@ CONTEXT_TEMPLATE = (
     "The correct answer to this problem is: {answer}\n"
     "Use this to verify your reasoning, but show your full solution process."
 )
+# Named privileged contexts: --context-template NAME, and the set `auto` chooses from (with
+# any --context-candidates) by the teacher view's accuracy on training questions.
+CONTEXT_TEMPLATES = {
+    "authors": CONTEXT_TEMPLATE,
+    "answer-is": "(The answer is {answer}.)",
+    "hint": "Hint: the answer is {answer}.",
+    "verify": "A teacher checked this problem: the final answer is {answer}.",
+}
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
 
 
 @dataclass
 class Example:
-    """One prompt: the question (for logs), the gold answer (for the verifier), and the
-    chat messages in the authors' format, the teacher's context after the token."""
+    """One prompt: the question (for logs), the gold answer (for the verifier), the chat
+    messages in the authors' format, the teacher's context after the token, and the
+    template that context was written from (None: the source gave the context)."""
 
     question: str
     answer: str
     messages: list[dict[str, str]]
+    context_template: str | None = None
+    wrong_answer: str | None = None  # for --teacher-contrast (`with_wrong_answers`)
 
 
-def plain_example(question: str, answer: str, context: str, instruction: str = INSTRUCTION) -> Example:
+def plain_example(
+    question: str, answer: str, context: str, instruction: str = INSTRUCTION, template: str | None = None
+) -> Example:
     """A question in the authors' format: the instruction (none when the question already
     says how to answer: a boxed answer or DAPO's 'Answer:' line), then the token and c."""
     if "\\boxed" in question or DAPO_INSTRUCTION in question:
         instruction = ""
     asked = f"{question}\n{instruction}" if instruction else question
     content = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
-    return Example(question, answer, [{"role": "user", "content": content}])
+    return Example(question, answer, [{"role": "user", "content": content}], template)
+
+
+def templated_example(question: str, answer: str, template: str, instruction: str = INSTRUCTION) -> Example:
+    """A plain question whose teacher context is `template` with the gold answer in it."""
+    return plain_example(question, answer, template.format(answer=answer), instruction, template)
+
+
+def with_context(ex: Example, template: str, answer: str | None = None) -> Example:
+    """The example with its teacher context rewritten from `template` (with `answer`, by
+    default the gold one); an example whose context came from its source is unchanged."""
+    if ex.context_template is None:
+        return ex
+    messages = copy.deepcopy(ex.messages)
+    for m in messages:
+        if TEACHER_CONTEXT_TOKEN in m["content"]:
+            asked = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)[0]
+            context = template.format(answer=ex.answer if answer is None else answer)
+            m["content"] = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+            break
+    return dataclasses.replace(ex, messages=messages, context_template=template)
+
+
+def with_wrong_answers(examples: list[Example]) -> list[Example]:
+    """The examples, each given a wrong answer for the contrastive teacher: another answer
+    of the same examples, picked by a hash of the question (the same in every process)."""
+    pool = sorted({e.answer.strip() for e in examples})
+    if any(e.context_template is None for e in examples) or len(pool) < 2:
+        raise UsageError(
+            "--teacher-contrast rewrites the context with a wrong answer: it needs contexts written from "
+            "--context-template (not given by the data) and at least two different answers"
+        )
+    out = []
+    for e in examples:
+        others = [a for a in pool if a != e.answer.strip()]
+        out.append(dataclasses.replace(e, wrong_answer=others[zlib.crc32(e.question.encode()) % len(others)]))
+    return out
+
+
+def contrast_example(ex: Example) -> Example:
+    """The example whose context states its wrong answer (the contrastive teacher's view)."""
+    return with_context(ex, ex.context_template, ex.wrong_answer)
 
 
 # ---------------------------------------------------------------- the two views
@@ -135,10 +191,14 @@ def arithmetic_question(rng: random.Random) -> tuple[str, str]:
 
 
 def arithmetic_split(
-    n: int, split: str, seed: int = 0, context_template: str = CONTEXT_TEMPLATE
+    n: int,
+    split: str,
+    seed: int = 0,
+    context_template: str = CONTEXT_TEMPLATE,
+    instruction: str | None = None,
 ) -> list[Example]:
     """n examples: 'test' is fixed (its own seed); 'train' follows `seed` and never
-    repeats a test question."""
+    repeats a test question. instruction None: ours, the \\boxed one."""
     if split == "test":
         rng = random.Random(HELD_OUT_SEED)
         pairs = [arithmetic_question(rng) for _ in range(n)]
@@ -149,7 +209,10 @@ def arithmetic_split(
             q, a = arithmetic_question(rng)
             if q not in held_out:
                 pairs.append((q, a))
-    return [plain_example(q, a, context_template.format(answer=a)) for q, a in pairs]
+    return [
+        templated_example(q, a, context_template, INSTRUCTION if instruction is None else instruction)
+        for q, a in pairs
+    ]
 
 
 # ---------------------------------------------------------------- word problems
@@ -157,6 +220,8 @@ def arithmetic_split(
 # A 135M chat model almost never writes \boxed{} (measured on SmolLM2-135M-Instruct: 0 of
 # 60 greedy answers), but ends with "The answer is N." 80-85% of the time when asked to.
 WORD_INSTRUCTION = "Solve it, then end your response with: The answer is <number>."
+# Named instructions for --instruction (each preset's default is one of them).
+INSTRUCTIONS = {"boxed": INSTRUCTION, "answer-is": WORD_INSTRUCTION}
 _WP_NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava"]
 _WP_ITEMS = ["apples", "marbles", "books", "stickers", "cookies", "pencils", "cards", "coins", "toys"]
 
@@ -174,9 +239,14 @@ def word_question(rng: random.Random) -> tuple[str, str]:
 
 
 def word_problem_split(
-    n: int, split: str, seed: int = 0, context_template: str = CONTEXT_TEMPLATE
+    n: int,
+    split: str,
+    seed: int = 0,
+    context_template: str = CONTEXT_TEMPLATE,
+    instruction: str | None = None,
 ) -> list[Example]:
-    """Like arithmetic_split: a fixed held-out split, and training questions never in it."""
+    """Like arithmetic_split: a fixed held-out split, and training questions never in it.
+    instruction None: "... end your response with: The answer is <number>." """
     if split == "test":
         rng = random.Random(HELD_OUT_SEED)
         pairs = [word_question(rng) for _ in range(n)]
@@ -188,14 +258,20 @@ def word_problem_split(
             q, a = word_question(rng)
             if q not in held_out:
                 pairs.append((q, a))
-    return [plain_example(q, a, context_template.format(answer=a), WORD_INSTRUCTION) for q, a in pairs]
+    return [
+        templated_example(q, a, context_template, WORD_INSTRUCTION if instruction is None else instruction)
+        for q, a in pairs
+    ]
 
 
 # ---------------------------------------------------------------- GSM8K and files
 
 
 def gsm8k_split(
-    split: str, solution_as_context: bool = False, context_template: str = CONTEXT_TEMPLATE
+    split: str,
+    solution_as_context: bool = False,
+    context_template: str = CONTEXT_TEMPLATE,
+    instruction: str = INSTRUCTION,
 ) -> list[Example]:
     """GSM8K from the hub (or the local HF cache); gold = the number after '####'."""
     import datasets
@@ -213,9 +289,9 @@ def gsm8k_split(
         gold = gold.strip()
         if solution_as_context:
             context = solution.strip() + f"\nThe final answer is {gold}."
+            out.append(plain_example(row["question"], gold, context, instruction))
         else:
-            context = context_template.format(answer=gold)
-        out.append(plain_example(row["question"], gold, context))
+            out.append(templated_example(row["question"], gold, context_template, instruction))
     return out
 
 
@@ -243,7 +319,7 @@ def read_table(path: Path):
         ) from e
 
 
-def row_example(row: dict, context_template: str) -> Example | None:
+def row_example(row: dict, context_template: str, instruction: str = INSTRUCTION) -> Example | None:
     """One file row as an Example, or None when its question or answer is empty."""
     if "prompt" in row:  # the authors' verl format
         messages = [{"role": str(m["role"]), "content": str(m["content"] or "")} for m in row["prompt"] or []]
@@ -252,23 +328,26 @@ def row_example(row: dict, context_template: str) -> Example | None:
         question = next((m["content"] for m in reversed(student) if m["role"] == "user"), "").strip()
         if not (question and answer):
             return None
-        if not any(TEACHER_CONTEXT_TOKEN in m["content"] for m in messages):  # no context given: ours
-            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            content = messages[last]["content"] + TEACHER_CONTEXT_TOKEN + "\n\n"
-            messages[last] = {**messages[last], "content": content + context_template.format(answer=answer)}
-        return Example(question, answer, messages)
+        if any(TEACHER_CONTEXT_TOKEN in m["content"] for m in messages):  # their context
+            return Example(question, answer, messages)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "user")  # none given: ours
+        content = messages[last]["content"] + TEACHER_CONTEXT_TOKEN + "\n\n"
+        messages[last] = {**messages[last], "content": content + context_template.format(answer=answer)}
+        return Example(question, answer, messages, context_template)
     question, answer = str(row["question"] or ""), str(row["answer"] or "").strip()
     asked = question.split(TEACHER_CONTEXT_TOKEN)[0].strip()
     if not (asked and answer):
         return None
     if row.get("context"):
-        return plain_example(asked, answer, str(row["context"]))
+        return plain_example(asked, answer, str(row["context"]), instruction)
     if TEACHER_CONTEXT_TOKEN in question:  # already their message content
         return Example(asked, answer, [{"role": "user", "content": question}])
-    return plain_example(asked, answer, context_template.format(answer=answer))
+    return templated_example(asked, answer, context_template, instruction)
 
 
-def file_examples(path: str | Path, context_template: str = CONTEXT_TEMPLATE) -> list[Example]:
+def file_examples(
+    path: str | Path, context_template: str = CONTEXT_TEMPLATE, instruction: str = INSTRUCTION
+) -> list[Example]:
     """Examples from a local .jsonl/.json/.parquet/.csv: the authors' verl format
     (prompt, reward_model) or question/answer[/context]."""
     path = Path(path)
@@ -282,7 +361,7 @@ def file_examples(path: str | Path, context_template: str = CONTEXT_TEMPLATE) ->
     if len(ds) == 0:
         raise UsageError(f"{path} holds no rows")
     try:
-        rows = [row_example(row, context_template) for row in ds]
+        rows = [row_example(row, context_template, instruction) for row in ds]
     except (UnicodeDecodeError, TypeError, KeyError, AttributeError) as e:  # text or shapes it cannot use
         raise UsageError(
             f"could not read the rows of {path} ({type(e).__name__}: {' '.join(str(e).split())[:120]}): "
@@ -306,14 +385,18 @@ def load_task(
     seed: int = 0,
     solution_as_context: bool = False,
     context_template: str = CONTEXT_TEMPLATE,
+    instruction: str | None = None,
 ) -> list[Example]:
-    """`arithmetic`, `word-problems`, `gsm8k`, or a file path; n > 0 keeps the first n."""
+    """`arithmetic`, `word-problems`, `gsm8k`, or a file path; n > 0 keeps the first n.
+    instruction: appended to plain questions (None: each task's own, \\boxed for files)."""
     if name in BUILT_IN:
-        return BUILT_IN[name](n or (2000 if split == "train" else 200), split, seed, context_template)
+        size = n or (2000 if split == "train" else 200)
+        return BUILT_IN[name](size, split, seed, context_template, instruction)
+    instruction = INSTRUCTION if instruction is None else instruction
     if name == "gsm8k":
-        examples = gsm8k_split(split, solution_as_context, context_template)
+        examples = gsm8k_split(split, solution_as_context, context_template, instruction)
     else:
-        examples = file_examples(name, context_template)
+        examples = file_examples(name, context_template, instruction)
     return examples[:n] if n > 0 else examples
 
 
@@ -330,16 +413,16 @@ def load_splits(
     seed: int = 0,
     solution_as_context: bool = False,
     context_template: str = CONTEXT_TEMPLATE,
+    instruction: str | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples; UsageError for data that cannot be used. Needs no model,
     so bad data fails before any model work. A single file holds out its last tenth."""
-    train = load_task(
-        data, "train", seed=seed, solution_as_context=solution_as_context, context_template=context_template
-    )
+    prompting = {"context_template": context_template, "instruction": instruction}
+    train = load_task(data, "train", seed=seed, solution_as_context=solution_as_context, **prompting)
     if eval_data:
-        evals = load_task(eval_data, "test", context_template=context_template)
+        evals = load_task(eval_data, "test", **prompting)
     elif data in ("arithmetic", "word-problems", "gsm8k"):
-        evals = load_task(data, "test", n=eval_size, context_template=context_template)
+        evals = load_task(data, "test", n=eval_size, **prompting)
     else:
         k = max(1, len(train) // 10)
         train, evals = (train[:-k], train[-k:]) if len(train) > 1 else (train, train)

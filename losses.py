@@ -16,10 +16,18 @@ three signals, summed per response token t of response i and averaged over token
 With beta = alpha = 0 this is exactly GRPO/DAPO; with w_pg = 0 it is pure
 self-distillation. The KL is exact over the whole vocabulary. `chunked_kl` computes it
 from final hidden states chunk by chunk, so no [N, V] logits tensor ever exists: at
-Qwen's V = 151,936 one such float32 tensor is 1.2 GB for 2,048 tokens.
+Qwen's V = 151,936 one such float32 tensor is 1.2 GB for 2,048 tokens. The same kernel
+offers two other divergences in the KL's place (`--distill-divergence`): the forward
+KL(SG[q_t] || p_t) and the generalized Jensen-Shannon divergence.
+
+Every algorithm's loss (`sdpg_loss`, and the paper's baselines `opsd_loss`,
+`rlsd_loss`) reads the same `Tokens` and `LossSettings`; `policy_loss` picks one.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -148,16 +156,87 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+DIVERGENCES = ("reverse", "forward", "jsd")
+
+
 def kl_from_logits(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """KL(p || SG[q]) = sum_v p(v) (log p(v) - log q(v)) per position, [..., V] -> [...].
+    """Reverse KL (the paper's): KL(p || SG[q]) = sum_v p(v) (log p(v) - log q(v)) per
+    position, [..., V] -> [...].
 
     p = softmax(student / T), q = softmax(teacher / T), teacher detached. The readable
     reference: it materialises every logit, so use it for small vocabularies and tests.
+    Mode-seeking: p is pushed off tokens q rules out, and free to ignore some q covers.
     """
-    dtype = _compute_dtype(student_logits)
-    log_p = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [..., V]
-    log_q = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    log_p, log_q = _log_softmaxes(student_logits, teacher_logits, temperature)  # [..., V] each
     return (log_p.exp() * (log_p - log_q)).sum(-1)  # [...]
+
+
+def forward_kl_from_logits(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """Forward KL: KL(SG[q] || p) = sum_v q(v) (log q(v) - log p(v)) per position, [..., V] -> [...].
+
+    Mass-covering: p is pushed up wherever q has mass (the cross-entropy to the
+    teacher's whole distribution, less q's entropy). The readable reference, as above.
+    """
+    log_p, log_q = _log_softmaxes(student_logits, teacher_logits, temperature)  # [..., V] each
+    return (log_q.exp() * (log_q - log_p)).sum(-1)  # [...]
+
+
+def jsd_from_logits(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, lam: float = 0.5
+) -> Tensor:
+    """Generalized Jensen-Shannon divergence, TRL's convention (GKD's `beta` is our lam):
+
+        m     = (1 - lam) p + lam SG[q]           the mixture, as logsumexp in log space
+        JSD   = lam KL(SG[q] || m) + (1 - lam) KL(p || m)
+
+    0 < lam < 1. As lam -> 0, JSD / lam -> KL(q || p) (forward); as lam -> 1,
+    JSD / (1 - lam) -> KL(p || q) (reverse); lam = 1/2 is the symmetric JSD, bounded by
+    log 2. [..., V] -> [...]; the readable reference, as above.
+    """
+    log_p, log_q = _log_softmaxes(student_logits, teacher_logits, temperature)  # [..., V] each
+    log_m = _log_mixture(log_p, log_q, lam)  # [..., V]
+    kl_q = (log_q.exp() * (log_q - log_m)).sum(-1)
+    kl_p = (log_p.exp() * (log_p - log_m)).sum(-1)
+    return lam * kl_q + (1.0 - lam) * kl_p  # [...]
+
+
+def divergence_from_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    divergence: str = "reverse",
+    jsd_lambda: float = 0.5,
+) -> Tensor:
+    """The distillation divergence `divergence` between student and teacher logits (naive)."""
+    check_divergence(divergence, jsd_lambda)
+    if divergence == "jsd":
+        return jsd_from_logits(student_logits, teacher_logits, temperature, jsd_lambda)
+    reference = kl_from_logits if divergence == "reverse" else forward_kl_from_logits
+    return reference(student_logits, teacher_logits, temperature)
+
+
+def check_divergence(divergence: str, jsd_lambda: float) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}: choose one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0.0 < jsd_lambda < 1.0:
+        raise ValueError(f"jsd needs 0 < jsd_lambda < 1 (its ends are forward and reverse), got {jsd_lambda}")
+
+
+def _log_softmaxes(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    dtype = _compute_dtype(student_logits)
+    log_p = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    log_q = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
+    return log_p, log_q
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, lam: float) -> Tensor:
+    """log((1 - lam) p + lam q), stable: logsumexp of the two shifted log-probabilities."""
+    return torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam))
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -175,19 +254,71 @@ def _chunk_log_softmax(hidden: Tensor, weight: Tensor, bias: Tensor | None, temp
     return torch.log_softmax(z, dim=-1)  # [n, V]
 
 
+# Rows per block of the JSD's elementwise work, so that its mixture log m is never a
+# whole chunk wide: the JSD then holds the reverse KL's three [chunk, V] tensors.
+JSD_ROWS = 32
+
+
+def _divergence_chunk(
+    log_q: Tensor, log_p: Tensor, p: Tensor, divergence: str, lam: float, value: Tensor | None, grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """One chunk of the distillation divergence D [n] and its gradient w.r.t. the
+    student's tempered logits z = (h W^T + b) / T, [n, V]:
+
+        reverse  D = sum p (log p - log q)                dD/dz = p (log p - log q - D)
+        forward  D = sum q (log q - log p)                dD/dz = p - q
+        jsd      D = lam KL(q||m) + (1 - lam) KL(p||m)    dD/dz = (1 - lam) p (log p - log m - KL(p||m))
+
+    with m = (1 - lam) p + lam q (for the JSD's gradient: d/dp_v of D is
+    (1 - lam)(log p_v - log m_v), the q_v / m_v terms cancel). The gradient is written
+    into log_q's buffer (the teacher's log-probs die here); `value` given (backward
+    knows D) skips computing it. Forward's value uses log_p's buffer as scratch.
+    """
+    if divergence == "reverse":
+        diff = torch.sub(log_p, log_q, out=log_q)  # log p - log q
+        value = _rowdot(p, diff) if value is None else value
+        if grad:
+            diff -= value[:, None]
+            diff *= p
+        return value, diff if grad else None
+    if divergence == "forward":
+        if value is None:
+            torch.sub(log_q, log_p, out=log_p)  # log q - log p, in log p's buffer
+            value = _rowdot(log_q.exp_(), log_p)  # log_q now holds q
+        else:
+            log_q.exp_()
+        return value, torch.sub(p, log_q, out=log_q) if grad else None
+    out = torch.empty(p.shape[0], dtype=p.dtype, device=p.device) if value is None else value
+    for s in range(0, p.shape[0], JSD_ROWS):  # [r, V] blocks: the temporaries stay small
+        lq, lp, pb = log_q[s : s + JSD_ROWS], log_p[s : s + JSD_ROWS], p[s : s + JSD_ROWS]
+        log_m = torch.add(lq, math.log(lam))
+        torch.logaddexp(log_m, lp + math.log1p(-lam), out=log_m)  # log((1 - lam) p + lam q)
+        diff = torch.sub(lp, log_m)  # log p - log m
+        kl_p = _rowdot(pb, diff)  # KL(p || m)
+        if value is None:
+            torch.sub(lq, log_m, out=log_m)  # log q - log m
+            out[s : s + JSD_ROWS] = lam * _rowdot(lq.exp(), log_m) + (1.0 - lam) * kl_p
+        if grad:
+            diff -= kl_p[:, None]
+            diff *= pb
+            lq.copy_(diff).mul_(1.0 - lam)
+    return out, log_q if grad else None
+
+
 class _ChunkedHead(torch.autograd.Function):
-    """Student log-probs, KL(p || SG[q]) and entropy from hidden states, chunk by chunk.
+    """Student log-probs, the distillation divergence D(p, SG[q]) and entropy from hidden
+    states, chunk by chunk.
 
     Per token, with z = (h W^T + b) / T, p = softmax(z_student), q = softmax(z_teacher):
 
-        KL      = sum_v p (log p - log q)         dKL/dz      = p * (log p - log q - KL)
+        D       (reverse KL, forward KL or JSD)   dD/dz: see _divergence_chunk
         logp[y] = log p(y)                        dlogp[y]/dz = onehot(y) - p
         H       = -sum_v p log p                  dH/dz       = -p * (log p + H)
 
     and dz/dh = W / T, dz/dW = h / T. Only [N]- and [N, H]-sized tensors outlive a
     chunk, so memory is O(chunk * V), never O(N * V). Token n's outputs depend on h_n
     alone, so when only the hidden states need a gradient (LoRA: the head is frozen)
-    forward also stores the per-token Jacobians dKL_n/dh_n and dlogp_n/dh_n ([N, H]
+    forward also stores the per-token Jacobians dD_n/dh_n and dlogp_n/dh_n ([N, H]
     each; dH_n/dh_n too when the entropy has a gradient, e.g. for an entropy bonus) and
     backward is a weighted sum: no logits are recomputed. When the head weight or bias
     needs a gradient (full fine-tuning), backward recomputes each chunk. The teacher is
@@ -197,7 +328,18 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, student, teacher, weight, bias, targets, temperature, chunk_size, jacobians, entropy_grad
+        ctx,
+        student,
+        teacher,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        jacobians,
+        entropy_grad,
+        divergence,
+        lam,
     ):
         dtype = _compute_dtype(student)
         w = weight.to(dtype)  # [V, H]
@@ -211,7 +353,7 @@ class _ChunkedHead(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             # teacher first: then at most three [n, V] tensors are alive at any moment
-            diff = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, temperature)  # log q
+            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, temperature)
             log_p = _chunk_log_softmax(student[s:e], w, b, temperature)  # [n, V]
             if targets is not None:
                 logp[s:e] = log_p.gather(1, targets[s:e, None]).squeeze(1)
@@ -219,18 +361,16 @@ class _ChunkedHead(torch.autograd.Function):
             entropy[s:e] = -_rowdot(p, log_p)
             if "entropy" in jac:
                 jac["entropy"][s:e] = -((log_p + entropy[s:e, None]) * p) @ w / temperature  # dH/dz W / T
-            if diff is not None:
-                torch.sub(log_p, diff, out=diff)  # log p - log q
-                kl[s:e] = _rowdot(p, diff)
+            if log_q is not None:  # log_p's buffer may be scratch after this
+                kl[s:e], grad = _divergence_chunk(log_q, log_p, p, divergence, lam, None, bool(jac))
                 if jac:
-                    diff -= kl[s:e, None]
-                    diff *= p  # dKL/dz
-                    jac["kl"][s:e] = (diff @ w) / temperature
+                    jac["kl"][s:e] = (grad @ w) / temperature
             if jac and targets is not None:
                 torch.neg(p, out=log_p).scatter_add_(1, targets[s:e, None], torch.ones_like(log_p[:, :1]))
                 jac["logp"][s:e] = (log_p @ w) / temperature  # (onehot - p) W / T
         ctx.save_for_backward(student, teacher, weight, bias, targets, kl, entropy, *jac.values())
         ctx.temperature, ctx.chunk_size, ctx.jacobian_names = temperature, chunk_size, list(jac)
+        ctx.divergence, ctx.lam = divergence, lam
         if not entropy_grad:
             ctx.mark_non_differentiable(entropy)
         return kl, logp, entropy
@@ -243,7 +383,7 @@ class _ChunkedHead(torch.autograd.Function):
             grad_h = jac["kl"] * grad_kl[:, None] + jac["logp"] * grad_logp[:, None]  # [N, H]
             if "entropy" in jac and grad_entropy is not None:
                 grad_h += jac["entropy"] * grad_entropy[:, None]
-            return grad_h.to(student.dtype), *[None] * 8
+            return grad_h.to(student.dtype), *[None] * 10
         T, chunk = ctx.temperature, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dtype = kl.dtype
@@ -255,15 +395,12 @@ class _ChunkedHead(torch.autograd.Function):
         for s in range(0, student.shape[0], chunk):
             e = min(s + chunk, student.shape[0])
             h = student[s:e].to(dtype)  # [n, H]
-            g = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V] log q
+            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V]
             log_p = _chunk_log_softmax(h, w, b, T)  # [n, V]
-            # in place unless the entropy term still needs log p: one [n, V] tensor fewer
-            p = log_p.exp() if grad_entropy is not None else log_p.exp_()  # [n, V]
-            if g is not None:
-                torch.sub(log_p, g, out=g)
-                g -= kl[s:e, None]  # log p - log q - KL
-                g *= p
-                g *= grad_kl[s:e, None].to(dtype)  # dKL/dz * dL/dKL
+            p = log_p.exp()  # [n, V]
+            if log_q is not None:
+                _, g = _divergence_chunk(log_q, log_p, p, ctx.divergence, ctx.lam, kl[s:e], True)
+                g *= grad_kl[s:e, None].to(dtype)  # dD/dz * dL/dD
             else:
                 g = torch.zeros_like(p)
             if grad_entropy is not None:
@@ -284,7 +421,7 @@ class _ChunkedHead(torch.autograd.Function):
         grad_h = grad_h.to(student.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, None, grad_w, grad_b, None, None, None, None, None
+        return grad_h, None, grad_w, grad_b, *[None] * 7
 
 
 def chunked_head(
@@ -296,23 +433,38 @@ def chunked_head(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
     entropy_grad: bool = False,
+    *,
+    divergence: str = "reverse",
+    jsd_lambda: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunked pass over the LM head: (logp [N], kl [N], entropy [N]).
 
     student_hidden, teacher_hidden: [N, H] final hidden states of the N response tokens
     (already masked and flattened); weight: [V, H]; targets: [N] sampled token ids.
-    logp is log p(targets) (zeros if targets is None), kl is KL(p || SG[q]) (zeros if
-    teacher_hidden is None), entropy is -sum p log p (with a gradient only when
-    entropy_grad, for an entropy bonus). Everything is computed in float32 (float64
-    stays float64) whatever the input dtype.
+    logp is log p(targets) (zeros if targets is None); kl is the distillation divergence
+    D(p, SG[q]) (`divergence`: reverse KL(p || q), the paper's; forward KL(q || p); or
+    the generalized JSD at jsd_lambda; zeros if teacher_hidden is None); entropy is
+    -sum p log p (with a gradient only when entropy_grad, for an entropy bonus).
+    Everything is computed in float32 (float64 stays float64) whatever the input dtype.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_divergence(divergence, jsd_lambda)
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
     head_needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     jacobians = torch.is_grad_enabled() and student_hidden.requires_grad and not head_needs_grad
     kl, logp, entropy = _ChunkedHead.apply(
-        student_hidden, teacher, weight, bias, targets, temperature, chunk_size, jacobians, entropy_grad
+        student_hidden,
+        teacher,
+        weight,
+        bias,
+        targets,
+        temperature,
+        chunk_size,
+        jacobians,
+        entropy_grad,
+        divergence,
+        jsd_lambda,
     )
     return logp, kl, entropy
 
@@ -324,13 +476,26 @@ def chunked_kl(
     bias: Tensor | None = None,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
+    *,
+    divergence: str = "reverse",
+    jsd_lambda: float = 0.5,
 ) -> Tensor:
-    """KL(p || SG[q]) per token [N] from hidden states [N, H] and LM head [V, H].
+    """The distillation divergence per token [N] from hidden states [N, H] and LM head [V, H].
 
-    Equal to kl_from_logits(h_s W^T + b, h_t W^T + b, T) but chunked over tokens so no
-    [N, V] tensor exists in forward or backward; see _ChunkedHead for the gradient.
+    Equal to divergence_from_logits(h_s W^T + b, h_t W^T + b, T, ...) but chunked over
+    tokens so no [N, V] tensor exists in forward or backward; see _ChunkedHead.
     """
-    return chunked_head(student_hidden, weight, None, teacher_hidden, bias, temperature, chunk_size)[1]
+    return chunked_head(
+        student_hidden,
+        weight,
+        None,
+        teacher_hidden,
+        bias,
+        temperature,
+        chunk_size,
+        divergence=divergence,
+        jsd_lambda=jsd_lambda,
+    )[1]
 
 
 def _aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
@@ -349,56 +514,97 @@ def _aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | No
     raise ValueError(f"unknown loss aggregation {agg!r}: choose one of {', '.join(AGG_MODES)}")
 
 
+@dataclass(frozen=True)
+class LossSettings:
+    """The objective's fixed knobs, the same for every algorithm (cli.Config.loss)."""
+
+    alpha: float = 0.0  # anchor weight
+    kl_mode: str = "urkl"  # anchor f(log w)
+    positive_adv_only: bool = False  # distil only responses with A > 0
+    kl_clamp: float | None = KL_CLAMP  # per-token distillation divergence cap (None: off)
+    eps_low: float = 0.2  # PPO clip below 1
+    eps_high: float = 0.28  # PPO clip above 1
+    clip_c: float = 10.0  # dual clip for A < 0
+    agg: str = "token-mean"  # or seq-mean-token-mean
+    rlsd_eps_w: float = 0.2  # RLSD: the teacher weight is clipped to 1 +- this
+
+
+@dataclass
+class Tokens:
+    """What every algorithm's loss reads about one (micro-)batch of B responses of T
+    tokens: [B, T] unless noted; None where the algorithm needs no such input."""
+
+    logp: Tensor  # log pi_theta(y_t | x, y<t), with gradient
+    old_logp: Tensor  # log pi_old(y_t): the PPO ratio's base, no gradient
+    advantages: Tensor  # [B]: A_i, one per response
+    mask: Tensor  # 1 on response tokens, 0 on padding
+    kl: Tensor | None = None  # D(p_t, SG[q_t]) per token: SDPG's distillation term
+    ref_logp: Tensor | None = None  # log pi_ref(y_t): the anchor
+    teacher_logp: Tensor | None = None  # log pi_T(y_t | c, x, y<t): OPSD's and RLSD's teacher
+
+
+def policy_loss(
+    algo: str, tokens: Tokens, settings: LossSettings, *, beta: float, lam: float, normalizer: float | None
+) -> tuple[Tensor, dict[str, float]]:
+    """Every algorithm's loss from the same inputs: `beta` (SDPG's at this step) and `lam`
+    (RLSD's) follow the step; GRPO is SDPG with beta = alpha = 0, opd is SDPG without the
+    outcome term."""
+    if algo == "opsd":
+        return opsd_loss(tokens, settings, normalizer=normalizer)
+    if algo == "rlsd":
+        return rlsd_loss(tokens, settings, lam=lam, normalizer=normalizer)
+    outcome_weight = 0.0 if algo == "opd" else 1.0
+    return sdpg_loss(tokens, settings, beta=beta, outcome_weight=outcome_weight, normalizer=normalizer)
+
+
+def loss_normalizer(algo: str, mask: Tensor, advantages: Tensor, agg: str) -> float:
+    """What a (mini-)batch's summed loss is divided by: its tokens (token-mean), its rows
+    (seq-mean-token-mean), or for OPSD the tokens of responses with A > 0. Passing the
+    whole mini-batch's count to each micro-batch makes gradient accumulation exact."""
+    if algo == "opsd":
+        return max(1.0, float((mask * (advantages > 0)[:, None]).sum()))
+    return float(mask.sum()) if agg == "token-mean" else float(mask.shape[0])
+
+
 def sdpg_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    kl: Tensor | None = None,
-    ref_logp: Tensor | None = None,
+    tokens: Tokens,
+    settings: LossSettings = LossSettings(),
     *,
     beta: float = 0.0,
-    alpha: float = 0.0,
-    kl_mode: str = "urkl",
     outcome_weight: float = 1.0,
-    positive_adv_only: bool = False,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float = 10.0,
-    agg: str = "token-mean",
     normalizer: float | None = None,
-    kl_clamp: float | None = KL_CLAMP,
 ) -> tuple[Tensor, dict[str, float]]:
     """The SDPG objective on one (micro-)batch; see the module docstring.
 
-    logp, old_logp, mask, kl, ref_logp: [B, T] over response tokens; advantages [B] or
-    [B, T]. kl is the per-token KL(p || SG[q]) (from chunked_head), clamped at kl_clamp
-    nats (None: not clamped); it may be None when beta == 0, and ref_logp may be None
-    when alpha == 0. Returns the scalar loss and float metrics (masked means over this
-    call's tokens; kl_distill is the clamped KL that enters the loss).
+    tokens.kl is the per-token distillation divergence (from chunked_head), clamped at
+    settings.kl_clamp nats; it may be None when beta == 0, and tokens.ref_logp may be
+    None when alpha == 0. Returns the scalar loss and float metrics (masked means over
+    this call's tokens; kl_distill is the clamped divergence that enters the loss).
     """
+    t, s = tokens, settings
+    kl, mask, advantages = t.kl, t.mask, t.advantages
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 needs the per-token distillation kl")
-    if alpha != 0.0 and ref_logp is None:
+    if s.alpha != 0.0 and t.ref_logp is None:
         raise ValueError("alpha != 0 needs the reference log-probs ref_logp")
-    pg, stats = clipped_policy_loss(logp, old_logp, advantages, mask, eps_low, eps_high, clip_c)
+    pg, stats = clipped_policy_loss(t.logp, t.old_logp, advantages, mask, s.eps_low, s.eps_high, s.clip_c)
     per_token = outcome_weight * pg  # [B, T]
     pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
     metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
     if kl is not None:
         kl = kl.masked_fill(pad, 0.0)
-        if kl_clamp is not None:
-            kl = kl.clamp(max=kl_clamp)
+        if s.kl_clamp is not None:
+            kl = kl.clamp(max=s.kl_clamp)
         adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
-        gate = (adv > 0).to(kl.dtype)[:, None] if positive_adv_only else 1.0  # [B, 1]
+        gate = (adv > 0).to(kl.dtype)[:, None] if s.positive_adv_only else 1.0  # [B, 1]
         per_token = per_token + beta * gate * kl
         metrics["kl_distill"] = float(masked_mean(kl.detach(), mask))
-    if ref_logp is not None:
-        lp, rlp = logp.masked_fill(pad, 0.0), ref_logp.masked_fill(pad, 0.0)  # [B, T]
-        anchor = reference_kl(lp, rlp, kl_mode).masked_fill(pad, 0.0)
-        per_token = per_token + alpha * anchor
+    if t.ref_logp is not None:
+        lp, rlp = t.logp.masked_fill(pad, 0.0), t.ref_logp.masked_fill(pad, 0.0)  # [B, T]
+        anchor = reference_kl(lp, rlp, s.kl_mode).masked_fill(pad, 0.0)
+        per_token = per_token + s.alpha * anchor
         metrics["ref_kl"] = float(masked_mean(anchor.detach(), mask))
-    loss = _aggregate(per_token, mask, agg, normalizer)
+    loss = _aggregate(per_token, mask, s.agg, normalizer)
     metrics.update({k: float(v) for k, v in stats.items()})
     metrics["loss"] = float(loss.detach())
     return loss, metrics
@@ -417,15 +623,7 @@ def _teacher_gap(teacher_logp: Tensor, old_logp: Tensor) -> Tensor:
 
 
 def opsd_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    teacher_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    normalizer: float | None = None,
+    tokens: Tokens, settings: LossSettings = LossSettings(), *, normalizer: float | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """OPSD (On-Policy Self-Distillation) with the authors' stability fixes:
 
@@ -433,16 +631,18 @@ def opsd_loss(
         r_t = exp(clamp(log pi_theta - log pi_old, -20, 20))
         L_t = -w_t min(r_t, clip(r_t, 1 - eps_low, 1 + eps_high))         only where A > 0
 
-    The teacher is the frozen reference reading the context; the reward gate keeps only
-    responses with a positive group advantage; the loss is the mean over the gated tokens
-    (normalizer: their count in the whole (mini-)batch under micro-batching). Shapes: [B, T],
-    advantages [B]. Metrics: opsd_weight, the mean w_t over gated tokens.
+    The teacher is the frozen reference reading the context (tokens.teacher_logp); the
+    reward gate keeps only responses with a positive group advantage; the loss is the
+    mean over the gated tokens (normalizer: their count in the whole (mini-)batch under
+    micro-batching). Metrics: opsd_weight, the mean w_t over gated tokens.
     """
-    gate = (advantages > 0).to(logp.dtype)[:, None]  # [B, 1]
+    t, s = tokens, settings
+    logp, old_logp, mask = t.logp, t.old_logp, t.mask
+    gate = (t.advantages > 0).to(logp.dtype)[:, None]  # [B, 1]
     gated = mask.to(logp.dtype) * gate  # [B, T]
-    weight = _teacher_gap(teacher_logp, old_logp).clamp(min=0.0).masked_fill(~mask.bool(), 0.0)  # [B, T]
+    weight = _teacher_gap(t.teacher_logp, old_logp).clamp(min=0.0).masked_fill(~mask.bool(), 0.0)  # [B, T]
     ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).nan_to_num(1.0)
-    per_token = -weight * torch.minimum(ratio, ratio.clamp(1.0 - eps_low, 1.0 + eps_high))  # [B, T]
+    per_token = -weight * torch.minimum(ratio, ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high))  # [B, T]
     loss = _aggregate(per_token, gated, "token-mean", normalizer)
     metrics = {
         "pg_loss": float(masked_mean(per_token.detach(), gated)),
@@ -459,19 +659,7 @@ def rlsd_lambda(step: int, lam: float, decay_steps: int) -> float:
 
 
 def rlsd_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    teacher_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    lam: float,
-    eps_w: float = 0.2,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_c: float = 10.0,
-    agg: str = "token-mean",
-    normalizer: float | None = None,
+    tokens: Tokens, settings: LossSettings = LossSettings(), *, lam: float, normalizer: float | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """RLSD (RLVR with Self-Distillation): the teacher only rescales each token's advantage.
 
@@ -480,18 +668,20 @@ def rlsd_loss(
         Ahat_t  = A clip(w_t, 1 - eps_w, 1 + eps_w)
         A_t     = (1 - lambda) A + lambda Ahat_t
 
-    then the DAPO dual-clip surrogate of `clipped_policy_loss` on A_t. The teacher is the
-    policy at the start of the step reading the context; the verifier's advantage keeps
-    the direction, the teacher changes the magnitude by at most eps_w. Shapes: [B, T],
-    advantages [B].
+    then the DAPO dual-clip surrogate of `clipped_policy_loss` on A_t. The teacher
+    (tokens.teacher_logp) is the policy at the start of the step reading the context;
+    the verifier's advantage keeps the direction, the teacher changes the magnitude by at
+    most eps_w.
     """
-    adv = advantages[:, None].expand_as(logp)  # [B, T]
-    delta = _teacher_gap(teacher_logp, old_logp)  # [B, T]
+    t, s = tokens, settings
+    logp, old_logp, mask = t.logp, t.old_logp, t.mask
+    adv = t.advantages[:, None].expand_as(logp)  # [B, T]
+    delta = _teacher_gap(t.teacher_logp, old_logp)  # [B, T]
     weight = torch.exp((torch.sign(adv) * delta).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
-    mixed = (1.0 - lam) * adv + lam * adv * weight.clamp(1.0 - eps_w, 1.0 + eps_w)  # [B, T]
-    pg, stats = clipped_policy_loss(logp, old_logp, mixed, mask, eps_low, eps_high, clip_c)
-    loss = _aggregate(pg, mask, agg, normalizer)
-    outside = (weight < 1.0 - eps_w) | (weight > 1.0 + eps_w)
+    mixed = (1.0 - lam) * adv + lam * adv * weight.clamp(1.0 - s.rlsd_eps_w, 1.0 + s.rlsd_eps_w)  # [B, T]
+    pg, stats = clipped_policy_loss(logp, old_logp, mixed, mask, s.eps_low, s.eps_high, s.clip_c)
+    loss = _aggregate(pg, mask, s.agg, normalizer)
+    outside = (weight < 1.0 - s.rlsd_eps_w) | (weight > 1.0 + s.rlsd_eps_w)
     metrics = {
         "pg_loss": float(masked_mean(pg.detach(), mask)),
         "rlsd_delta": float(masked_mean(delta, mask)),

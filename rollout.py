@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from data import Example, encode, prompt_texts
+from data import Example, contrast_example, encode, prompt_texts
 from losses import DEFAULT_CHUNK, chunked_head
 
 
@@ -41,11 +41,15 @@ class RolloutBatch:
     truncated: Tensor  # [B*G] bool: no EOS within max_new_tokens
     completions: list[str]  # decoded responses, for the verifier
     answers: list[str]  # gold answer per row
+    contrast_ids: Tensor | None = (
+        None  # [B*G, Lc] teacher prompts stating a wrong answer (--teacher-contrast)
+    )
+    contrast_mask: Tensor | None = None  # [B*G, Lc]
 
     def rows(self, idx: slice) -> RolloutBatch:
         """A micro-batch of rows (tensors sliced, lists too)."""
         return RolloutBatch(
-            *(getattr(self, f)[idx] for f in self.__dataclass_fields__)  # type: ignore[misc]
+            *(None if (x := getattr(self, f)) is None else x[idx] for f in self.__dataclass_fields__)  # type: ignore[misc]
         )
 
 
@@ -119,10 +123,12 @@ def rollout(
     seed: int = 0,
     min_new_tokens: int = 0,
     view: str = "student",
+    contrast: bool = False,
 ) -> RolloutBatch:
     """Sample group_size responses per example from the student view (prompts repeated
     G times, so greedy decoding works with any G too). view="teacher" samples from the
-    teacher prompt instead: only to measure how good the teacher is."""
+    teacher prompt instead: only to measure how good the teacher is. contrast: also
+    encode each example's teacher view stating its wrong answer (--teacher-contrast)."""
     device = next(model.parameters()).device
     texts = [prompt_texts(tokenizer, ex) for ex in examples]
     pad = pad_id(model, tokenizer)
@@ -140,6 +146,10 @@ def rollout(
     model.train(was_training)
     responses = out[:, ids.shape[1] :].cpu()  # [B*G, T]
     mask, truncated = response_mask(responses, eos_ids(model, tokenizer))
+    c_ids = c_mask = None
+    if contrast:
+        wrong = [encode(tokenizer, prompt_texts(tokenizer, contrast_example(ex))[1]) for ex in examples]
+        c_ids, c_mask = (x.repeat_interleave(G, 0) for x in left_pad(wrong, pad))  # [B*G, Lc]
     return RolloutBatch(
         student_ids=s_ids,
         student_mask=s_mask,
@@ -150,6 +160,8 @@ def rollout(
         truncated=truncated,
         completions=tokenizer.batch_decode(responses * mask + pad * (1 - mask), skip_special_tokens=True),
         answers=[ex.answer for ex in examples for _ in range(G)],
+        contrast_ids=c_ids,
+        contrast_mask=c_mask,
     )
 
 
@@ -185,20 +197,45 @@ def score_tokens(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK,
     entropy_grad: bool = False,
+    *,
+    divergence: str = "reverse",
+    jsd_lambda: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, kl, entropy), each [B, T] and 0 on masked tokens, through the chunked head.
 
-    Uses the sampling temperature, as the policy that produced the tokens did; the
-    entropy carries a gradient only with entropy_grad (an entropy bonus).
+    Uses the sampling temperature, as the policy that produced the tokens did; kl is the
+    distillation divergence (`divergence`, see losses.chunked_head); the entropy carries
+    a gradient only with entropy_grad (an entropy bonus).
     """
     m = response_mask.to(hidden.device).bool()  # [B, T]
     teacher = None if teacher_hidden is None else teacher_hidden[m]  # [N, H]
     targets = response_ids.to(hidden.device)[m]  # [N]
     flat = chunked_head(
-        hidden[m], head.weight, targets, teacher, head.bias, temperature, chunk_size, entropy_grad
+        hidden[m],
+        head.weight,
+        targets,
+        teacher,
+        head.bias,
+        temperature,
+        chunk_size,
+        entropy_grad,
+        divergence=divergence,
+        jsd_lambda=jsd_lambda,
     )
     zeros = torch.zeros(m.shape, dtype=flat[0].dtype, device=hidden.device)  # [B, T]
     return tuple(zeros.masked_scatter(m, x) for x in flat)  # type: ignore[return-value]
+
+
+def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
+    """The contrastive teacher's hidden states, [B, T, H], float32, no gradient:
+
+        q'_t ∝ p_t q_right,t / q_wrong,t,  i.e.  z' = z_student + z_right - z_wrong
+
+    for the teacher given the gold answer (right) and given a wrong one. The head is
+    linear (h W^T + b, and b + b - b = b), so z' is the head applied to
+    h_student + h_right - h_wrong. What both teachers do alike (the context's style:
+    longer answers, later EOS) cancels; what the gold answer changes stays."""
+    return (student.detach().float() + right.float() - wrong.float()).detach()
 
 
 @torch.no_grad()

@@ -160,6 +160,11 @@ def damaged(path: Path, e: Exception) -> UsageError:
     return UsageError(f"checkpoint {path} is damaged ({type(e).__name__}): {hint}")
 
 
+def saved_args(path: Path) -> dict:
+    """The arguments a checkpoint's run was started with (after `auto` was settled)."""
+    return json.loads((path / "state.json").read_text())["args"]
+
+
 def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
     """Restore weights, optimizer (with its lr schedule), EMA teacher and RNG states;
     returns the step to continue from. A file that cannot be read is a UsageError that

@@ -45,9 +45,18 @@ from tqdm import tqdm
 import cli
 import data
 import run_folder
+import teacher_context
 from cli import Config
 from errors import TrainingError, UsageError
-from losses import beta_schedule, group_advantages, masked_mean, opsd_loss, rlsd_lambda, rlsd_loss, sdpg_loss
+from losses import (
+    Tokens,
+    beta_schedule,
+    group_advantages,
+    loss_normalizer,
+    masked_mean,
+    policy_loss,
+    rlsd_lambda,
+)
 from policy import (
     EmaWeights,
     Optimizer,
@@ -60,9 +69,9 @@ from policy import (
     reference_role,
     teacher_role,
 )
-from rollout import RolloutBatch, response_hidden, response_logprobs, rollout, score_tokens
+from rollout import RolloutBatch, contrast_hidden, response_hidden, response_logprobs, rollout, score_tokens
 from trackers import Trackers
-from verifier import make_verifier
+from verifier import answer_format, make_verifier
 
 
 def sdpg_step(
@@ -82,6 +91,7 @@ def sdpg_step(
         cfg.top_p,
         seed=cfg.seed * 1_000_003 + step,
         min_new_tokens=cfg.min_new_tokens,
+        contrast=cfg.teacher_contrast,
     )
     t_sampled = clock()
     # 2. Rewards, then advantages normalised within each group of G (float64: exact zeros
@@ -176,17 +186,14 @@ def backward_batch(
 ) -> dict[str, float]:
     """Stage 4: the gradient of a (mini-)batch's loss, one micro-batch at a time.
 
-    Each micro-batch's loss is divided by the whole (mini-)batch's token count (row count
-    for seq-mean-token-mean; for OPSD the tokens of responses with A > 0), so the summed
-    gradients are those of the mini-batch mean whatever --micro-batch is. Returns the
-    loss and token-weighted means of the other metrics.
+    Each micro-batch's loss is divided by the whole (mini-)batch's count
+    (`losses.loss_normalizer`), so the summed gradients are those of the mini-batch mean
+    whatever --micro-batch is. Returns the loss and token-weighted means of the other
+    metrics.
     """
     mask = batch.response_mask  # [B*G, T]
     tokens = float(mask.sum())
-    if cfg.algo == "opsd":
-        normalizer = max(1.0, float((mask * (scores.advantages > 0)[:, None]).sum()))
-    else:
-        normalizer = tokens if cfg.loss_agg == "token-mean" else float(mask.shape[0])
+    normalizer = loss_normalizer(cfg.algo, mask, scores.advantages, cfg.loss_agg)
     totals: dict[str, float] = {}
     for start in range(0, mask.shape[0], cfg.micro_batch):
         rows = slice(start, start + cfg.micro_batch)
@@ -210,15 +217,21 @@ def micro_batch_backward(
 ) -> dict[str, float]:
     """Teacher (no grad) and student (grad) on one micro-batch, the loss, loss.backward()."""
     t0 = clock()
-    teacher_h = None  # [b, T, H]
+    teacher_h = wrong_h = None  # [b, T, H]
     if scores.beta > 0 or cfg.algo == "opd":
         with torch.no_grad(), teacher_role(policy, cfg.teacher) as teacher:
             teacher_h = response_hidden(
                 teacher, mb.teacher_ids, mb.teacher_mask, mb.response_ids, mb.response_mask
             )
+            if cfg.teacher_contrast:  # the same teacher told a wrong answer
+                wrong_h = response_hidden(
+                    teacher, mb.contrast_ids, mb.contrast_mask, mb.response_ids, mb.response_mask
+                )
     t1 = clock()
     model = policy.model
     student_h = response_hidden(model, mb.student_ids, mb.student_mask, mb.response_ids, mb.response_mask)
+    if wrong_h is not None:  # q' ∝ p q_right / q_wrong: the context's style cancels
+        teacher_h = contrast_hidden(student_h, teacher_h, wrong_h)
     logp, kl, entropy = score_tokens(
         model.get_output_embeddings(),
         student_h,
@@ -228,57 +241,23 @@ def micro_batch_backward(
         cfg.temperature,
         cfg.kl_chunk_size,
         entropy_grad=cfg.entropy_coef > 0,
+        divergence=cfg.distill_divergence,
+        jsd_lambda=cfg.jsd_lambda,
     )  # [b, T] each
     device, mask = logp.device, mb.response_mask.to(logp.device)
     fixed = {k: None if v is None else v.to(device) for k, v in vars(scores).items() if k.endswith("logp")}
-    old_logp = logp.detach() if fixed["old_logp"] is None else fixed["old_logp"]
-    advantages = scores.advantages.to(device)
-    if cfg.algo == "opsd":
-        loss, metrics = opsd_loss(
-            logp,
-            old_logp,
-            fixed["teacher_logp"],
-            advantages,
-            mask,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            normalizer=normalizer,
-        )
-    elif cfg.algo == "rlsd":
-        loss, metrics = rlsd_loss(
-            logp,
-            old_logp,
-            fixed["teacher_logp"],
-            advantages,
-            mask,
-            lam=scores.lam,
-            eps_w=cfg.rlsd_eps_w,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            clip_c=cfg.clip_c,
-            agg=cfg.loss_agg,
-            normalizer=normalizer,
-        )
-    else:  # SDPG, and GRPO (beta = alpha = 0) and opd (no outcome term) as its special cases
-        loss, metrics = sdpg_loss(
-            logp,
-            old_logp,
-            advantages,
-            mask,
-            kl if teacher_h is not None else None,
-            fixed["ref_logp"],
-            beta=scores.beta,
-            alpha=cfg.alpha,
-            kl_mode=cfg.kl_mode,
-            outcome_weight=0.0 if cfg.algo == "opd" else 1.0,
-            positive_adv_only=cfg.positive_adv_only,
-            eps_low=cfg.eps_low,
-            eps_high=cfg.eps_high,
-            clip_c=cfg.clip_c,
-            agg=cfg.loss_agg,
-            normalizer=normalizer,
-            kl_clamp=cfg.kl_clamp,
-        )
+    inputs = Tokens(
+        logp=logp,
+        old_logp=logp.detach() if fixed["old_logp"] is None else fixed["old_logp"],  # on-policy: ratio 1
+        advantages=scores.advantages.to(device),
+        mask=mask,
+        kl=kl if teacher_h is not None else None,
+        ref_logp=fixed["ref_logp"],
+        teacher_logp=fixed["teacher_logp"],
+    )
+    loss, metrics = policy_loss(
+        cfg.algo, inputs, cfg.loss, beta=scores.beta, lam=scores.lam, normalizer=normalizer
+    )
     if cfg.entropy_coef > 0:  # a bonus: the mean entropy over all response tokens, subtracted
         bonus = cfg.entropy_coef * (entropy * mask).sum() / tokens
         loss, metrics["loss"] = loss - bonus, metrics["loss"] - float(bonus)
@@ -314,14 +293,15 @@ def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier
     """Held-out accuracy: mean@k and pass@k (k samples at the training temperature; pass@k
     is the share of prompts with at least one right answer), greedy accuracy, and the
     teacher's greedy accuracy on its view (the --teacher weights), to see whether the
-    teacher still knows more than the student. Of the k samples also: the share that
-    state a final answer explicitly (answered: boxed, '####' or 'the answer is', not only
-    a last number), their mean length in tokens, and the share cut off before EOS."""
+    teacher still knows more than the student, with its mean length and share cut off
+    (the style it pulls toward). Of the k samples also: the share that state a final
+    answer explicitly (answered: boxed, '####' or 'the answer is', not only a last
+    number), their mean length in tokens, and the share cut off before EOS."""
     k = cfg.eval_samples
     settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
     settings.append(("teacher_greedy", 0.0, 1, "teacher"))
     scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
-    answered, lengths, truncated = [], [], []
+    answered, lengths, truncated, teacher_lengths, teacher_truncated = [], [], [], [], []
     per_call = max(1, EVAL_ROWS // k)
     for s in range(0, len(examples), per_call):
         chunk = examples[s : s + per_call]
@@ -346,6 +326,9 @@ def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier
                 answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
                 lengths += b.response_mask.sum(1).tolist()
                 truncated += b.truncated.tolist()
+            if name == "teacher_greedy":  # the style the student is pulled toward
+                teacher_lengths += b.response_mask.sum(1).tolist()
+                teacher_truncated += b.truncated.tolist()
     sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
     return {
         f"eval_mean@{k}": float(sampled.mean()),
@@ -354,12 +337,16 @@ def evaluate(policy: Policy, examples: list[data.Example], cfg: Config, verifier
         "eval_answered": sum(answered) / len(answered),
         "eval_truncated": sum(truncated) / len(truncated),
         "eval_response_len": sum(lengths) / len(lengths),
+        "eval_teacher_truncated": sum(teacher_truncated) / len(teacher_truncated),
+        "eval_teacher_len": sum(teacher_lengths) / len(teacher_lengths),
     }
 
 
 def format_accuracy(evaluation: dict[str, float]) -> str:
     return ", ".join(
-        f"len {v:.1f}" if k == "eval_response_len" else f"{k.removeprefix('eval_')} {100 * v:.1f}%"
+        f"{k.removeprefix('eval_')} {v:.1f}"
+        if k.endswith("len")
+        else f"{k.removeprefix('eval_')} {100 * v:.1f}%"
         for k, v in evaluation.items()
     )
 
@@ -376,15 +363,17 @@ def train(
     log: run_folder.RunLog,
     settings: dict,
     start: int,
+    check: dict[str, float],
 ) -> int:
     """Steps start+1 .. cfg.steps with evals, logs and checkpoints; returns the exit code
-    (0, or 130 / 143 when stopped by Ctrl-C / SIGTERM). `verifier(completion, gold)` gives a Verdict."""
+    (0, or 130 / 143 when stopped by Ctrl-C / SIGTERM). `verifier(completion, gold)` gives
+    a Verdict; `check` (the teacher check's figures) is logged with step 0."""
     train_set, eval_set = splits
     reward_fn = lambda completion, gold: verifier(completion, gold).reward  # noqa: E731
     out_dir = log.out_dir
     if start == 0:
         first = evaluate(policy, eval_set, cfg, verifier)
-        log.metrics({"step": 0, **first})
+        log.metrics({"step": 0, **check, **first})
         print(f"step 0 held-out accuracy: {format_accuracy(first)}")
     bar = tqdm(range(start, cfg.steps), desc=cfg.algo, dynamic_ncols=True, initial=start, total=cfg.steps)
     if start >= cfg.steps:
@@ -433,35 +422,18 @@ def train(
 
 
 def run(args) -> int:
-    """Check every input, load data and the model, then train (or only evaluate). Bad input
-    fails before any model work, except what only loading can reveal."""
+    """Check every input, load data and the model, settle the teacher's context, then train
+    (or only evaluate). Bad input fails before any model work, except what only loading
+    can reveal."""
     cfg, settings = cli.config(args), vars(args)
     if args.eval_only:
         out_dir, resume_from = run_folder.open_for_eval(settings)
     else:
         out_dir, resume_from = run_folder.check_run(settings)
-    verifier = make_verifier(args.verifier, args.last_number_fallback)
-    splits = data.load_splits(
-        args.data,
-        args.eval_data,
-        args.eval_size,
-        args.seed,
-        args.gsm8k_solution_context,
-        args.context_template,
-    )
-    path, tokenizer = load_tokenizer(args)
-    splits = tuple(
-        data.drop_long_prompts(x, tokenizer, args.max_prompt_length, name)
-        for x, name in zip(splits, ("train", "eval"), strict=True)
-    )
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    policy = load_policy(args, path, tokenizer, adapter=args.adapter)
+    policy, splits, verifier, check = load(args, cfg, resume_from)
     # only now, with data and model loaded, is an old run replaced (and the folder locked)
     lock = None if args.eval_only else run_folder.start_run(out_dir, resume_from, settings)
     optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
-    if cfg.teacher == "ema":
-        policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
     start = 0
     if resume_from is not None:
         start = run_folder.load_checkpoint(resume_from, policy.model, optimizer, policy.ema)
@@ -474,12 +446,44 @@ def run(args) -> int:
         out_dir, Trackers(args.report_to, out_dir, out_dir.name, settings) if args.report_to else None, lock
     )
     try:
-        code = train(policy, optimizer, splits, cfg, verifier, log, settings, start)
+        code = train(policy, optimizer, splits, cfg, verifier, log, settings, start, check)
     finally:
         log.close()
     if code == 0 and args.save_merged:
         print(f"merged model in {merge_run(out_dir)}")
     return code
+
+
+def load(args, cfg: Config, resume_from: Path | None):
+    """(policy, (train, eval) examples, verifier, the teacher check's metrics): data first
+    (bad data fails before any model work), then the model, then the privileged context
+    (`teacher_context.settle`: chosen and checked on training questions, or, resuming
+    `auto`, the text the run started with)."""
+    verifier = make_verifier(args.verifier, args.last_number_fallback, answer_format(args.instruction))
+    provisional = data.CONTEXT_TEMPLATE if args.context_template == "auto" else args.context_template
+    splits = data.load_splits(
+        args.data,
+        args.eval_data,
+        args.eval_size,
+        args.seed,
+        args.gsm8k_solution_context,
+        provisional,
+        args.instruction,
+    )
+    if cfg.teacher_contrast:  # each training question's wrong answer, for the contrastive teacher
+        splits = (data.with_wrong_answers(splits[0]), splits[1])
+    path, tokenizer = load_tokenizer(args)
+    splits = teacher_context.rewrite(splits, provisional, tokenizer, args.max_prompt_length)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    policy = load_policy(args, path, tokenizer, adapter=args.adapter)
+    if cfg.teacher == "ema":
+        policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
+    saved = None
+    if args.context_template == "auto" and resume_from is not None:
+        saved = run_folder.saved_args(resume_from)["context_template"]
+    splits, check = teacher_context.settle(policy, splits, args, cfg, verifier, saved)
+    return policy, splits, verifier, check
 
 
 def evaluate_only(policy, eval_set, cfg: Config, verifier, out_dir, step: int, adapter: str | None) -> int:

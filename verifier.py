@@ -10,6 +10,7 @@ Extraction, first rule that finds something wins:
   2. GSM8K's "#### 42";
   3. "... the answer is 42";
   4. optionally (on by default, off for MATH-style data) the last number in the text.
+The format the prompt's instruction asks for (`answer_format`) moves to the front.
 
 Comparison: numbers compare as exact fractions with a 1e-6 relative tolerance
 (0.5 = \\frac12 = 1/2; "%", "$", units and thousands separators are dropped, so
@@ -106,20 +107,50 @@ def _last_number(text: str) -> str | None:
     return m.group()[::-1].rstrip(".,") if m else None
 
 
-def extract_answer(completion: str, last_number_fallback: bool = True) -> tuple[str | None, str]:
-    """(answer as written, method) from a completion; (None, "none") if nothing is found."""
-    text = completion.replace("\u2212", "-")
+def _boxed(text: str) -> str | None:
     boxed = _last_boxed(text)
-    if boxed is not None:
-        return _unwrap_braces(boxed), "boxed"
+    return None if boxed is None else _unwrap_braces(boxed)
+
+
+def _hashes(text: str) -> str | None:
     pos = text.rfind("####")
-    if pos >= 0:
-        return text[pos + 4 :].split("\n", 1)[0][:MAX_BOX].strip(), "####"
+    return None if pos < 0 else text[pos + 4 :].split("\n", 1)[0][:MAX_BOX].strip()
+
+
+def _answer_is(text: str) -> str | None:
     pos = text.lower().rfind("answer is")
-    if pos >= 0:
-        tail = text[pos + 9 : pos + 9 + MAX_BOX].split("\n", 1)[0].lstrip(" :$")
-        number = _FIRST_NUMBER.match(tail)  # "42, because ..." -> "42"
-        return (number.group() if number else tail.split(". ", 1)[0]).strip(), "answer is"
+    if pos < 0:
+        return None
+    tail = text[pos + 9 : pos + 9 + MAX_BOX].split("\n", 1)[0].lstrip(" :$")
+    number = _FIRST_NUMBER.match(tail)  # "42, because ..." -> "42"
+    return (number.group() if number else tail.split(". ", 1)[0]).strip()
+
+
+EXTRACTORS = {"boxed": _boxed, "####": _hashes, "answer is": _answer_is}  # in the order tried
+
+
+def answer_format(instruction: str) -> str | None:
+    """The stated-answer format an instruction asks for ('boxed', '####', 'answer is'), or
+    None when it names none of them."""
+    lowered = instruction.lower()
+    for name, marker in (("boxed", "\\boxed"), ("####", "####"), ("answer is", "answer is")):
+        if marker in lowered:
+            return name
+    return None
+
+
+def extract_answer(
+    completion: str, last_number_fallback: bool = True, prefer: str | None = None
+) -> tuple[str | None, str]:
+    """(answer as written, method) from a completion; (None, "none") if nothing is found.
+    `prefer` (a format the prompt asked for) is tried before the others: asked for "The
+    answer is N", a response that also holds an empty \\boxed{} is read by its answer line."""
+    text = completion.replace("\u2212", "-")
+    order = sorted(EXTRACTORS, key=lambda name: name != prefer)  # stable: the rest keep their order
+    for name in order:
+        found = EXTRACTORS[name](text)
+        if found is not None:
+            return found, name
     if last_number_fallback:
         number = _last_number(text)
         if number is not None:
@@ -194,9 +225,12 @@ def answers_match(pred: str, gold: str) -> bool:
     return p == g and p != ""
 
 
-def verify(completion: str, gold: str, last_number_fallback: bool = True) -> Verdict:
-    """Extract the final answer from `completion` and compare it with `gold`."""
-    answer, method = extract_answer(completion, last_number_fallback)
+def verify(
+    completion: str, gold: str, last_number_fallback: bool = True, prefer: str | None = None
+) -> Verdict:
+    """Extract the final answer from `completion` (trying the format `prefer` first) and
+    compare it with `gold`."""
+    answer, method = extract_answer(completion, last_number_fallback, prefer)
     if answer is None:
         return Verdict(0.0, None, method, "no final answer found")
     target = parse_gold(gold)
@@ -211,11 +245,14 @@ def reward(completion: str, gold: str) -> float:
     return verify(completion, gold).reward
 
 
-def make_verifier(name: str = "rule", last_number_fallback: bool = True) -> Callable[[str, str], Verdict]:
-    """The Verdict function for --verifier: 'rule' (this module) or 'math-verify' (HF's,
-    whose extraction is its own: the Verdict says only the reward)."""
+def make_verifier(
+    name: str = "rule", last_number_fallback: bool = True, prefer: str | None = None
+) -> Callable[[str, str], Verdict]:
+    """The Verdict function for --verifier: 'rule' (this module, reading the format
+    `prefer` first: the one the instruction asks for) or 'math-verify' (HF's, whose
+    extraction is its own: the Verdict says only the reward)."""
     if name == "rule":
-        return lambda completion, gold: verify(completion, gold, last_number_fallback)
+        return lambda completion, gold: verify(completion, gold, last_number_fallback, prefer)
     if name == "math-verify":
         try:
             import math_verify

@@ -1,14 +1,16 @@
-"""Full-vocabulary KL: chunked_kl against the naive materialised-logits path.
+"""Full-vocabulary distillation divergences: chunked_kl against the naive materialised-logits path.
 
-For each shape (N tokens, H hidden, V vocab) and each variant (naive, chunked at each
-chunk size) a fresh process builds the inputs, runs forward + backward of
-sum_n c_n KL_n w.r.t. the student hidden states (the head is frozen, as under LoRA),
-and reports its time and its peak memory above what the inputs already took
-(CPU: peak RSS, reset after set-up; CUDA: max_memory_allocated). A separate process measures the
-relative error of the loss and the input gradient against a float64 reference on a
-smaller case. Prints a table and writes the raw numbers as JSON.
+For each shape (N tokens, H hidden, V vocab), each divergence (reverse KL, forward KL,
+JSD at lambda 0.5) and each variant (naive, chunked at each chunk size) a fresh process
+builds the inputs, runs forward + backward of sum_n c_n D_n w.r.t. the student hidden
+states (the head is frozen, as under LoRA), and reports its time and its peak memory
+above what the inputs already took (CPU: peak RSS, reset after set-up; CUDA:
+max_memory_allocated). A separate process measures the relative error of the loss and
+the input gradient against a float64 reference on a smaller case. Prints a table, with
+each divergence's time and memory relative to the reverse KL's at the same variant, and
+writes the raw numbers as JSON.
 
-    python bench/kl_bench.py                         # Qwen2.5-0.5B head, N = 2048
+    python bench/kl_bench.py                         # Qwen2.5-0.5B head, N = 2048, all three
     python bench/kl_bench.py --shapes 2048x896x151936 8192x896x151936 --chunks 128 256 512 1024 2048
 """
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from losses import chunked_kl, kl_from_logits  # noqa: E402
+from losses import DIVERGENCES, chunked_kl, divergence_from_logits  # noqa: E402
 
 
 def make_inputs(n: int, h: int, v: int, device: str, dtype: torch.dtype, seed: int = 0):
@@ -38,11 +40,11 @@ def make_inputs(n: int, h: int, v: int, device: str, dtype: torch.dtype, seed: i
     return [x.to(device=device, dtype=dtype) for x in (hs, ht, w, coeff)]
 
 
-def kl_loss(variant: str, hs, ht, w, coeff):
+def kl_loss(variant: str, divergence: str, hs, ht, w, coeff):
     if variant == "naive":
-        kl = kl_from_logits(hs @ w.T, ht @ w.T)  # [N]
+        kl = divergence_from_logits(hs @ w.T, ht @ w.T, divergence=divergence)  # [N]
     else:
-        kl = chunked_kl(hs, ht, w, chunk_size=int(variant))  # [N]
+        kl = chunked_kl(hs, ht, w, chunk_size=int(variant), divergence=divergence)  # [N]
     return (kl * coeff).sum()
 
 
@@ -59,7 +61,7 @@ def reset_peak_rss() -> None:
         f.write("5")
 
 
-def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int) -> dict:
+def worker_speed(variant: str, divergence: str, n: int, h: int, v: int, device: str, repeats: int) -> dict:
     hs, ht, w, coeff = make_inputs(n, h, v, device, torch.float32)
     hs.requires_grad_()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -74,7 +76,7 @@ def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int
         hs.grad = None
         sync()
         t0 = time.perf_counter()
-        kl_loss(variant, hs, ht, w, coeff).backward()
+        kl_loss(variant, divergence, hs, ht, w, coeff).backward()
         sync()
         times.append(time.perf_counter() - t0)
     if device == "cuda":
@@ -84,13 +86,13 @@ def worker_speed(variant: str, n: int, h: int, v: int, device: str, repeats: int
     return {"seconds": min(times), "peak_extra_bytes": peak}
 
 
-def worker_error(variant: str, n: int, h: int, v: int, device: str) -> dict:
+def worker_error(variant: str, divergence: str, n: int, h: int, v: int, device: str) -> dict:
     """Relative error of loss and input gradient vs float64 (the reference runs in float64)."""
     out = {}
     for dtype in (torch.float64, torch.float32):
         hs, ht, w, coeff = make_inputs(n, h, v, device, dtype, seed=1)
         hs.requires_grad_()
-        loss = kl_loss(variant if dtype == torch.float32 else "naive", hs, ht, w, coeff)
+        loss = kl_loss(variant if dtype == torch.float32 else "naive", divergence, hs, ht, w, coeff)
         loss.backward()
         out[dtype] = (loss.detach().double(), hs.grad.double())
     (l64, g64), (l32, g32) = out[torch.float64], out[torch.float32]
@@ -121,6 +123,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["2048x896x151936"], help="NxHxV")
     ap.add_argument("--chunks", nargs="+", type=int, default=[256, 512])
+    ap.add_argument("--divergences", nargs="+", choices=DIVERGENCES, default=list(DIVERGENCES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per variant; the best is kept")
     ap.add_argument("--error-tokens", type=int, default=256, help="N of the float64 error check")
@@ -128,12 +131,12 @@ def main() -> None:
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        kind, variant, n, h, v, device, repeats = a.worker
+        kind, variant, divergence, n, h, v, device, repeats = a.worker
         n, h, v, repeats = int(n), int(h), int(v), int(repeats)
         res = (
-            worker_speed(variant, n, h, v, device, repeats)
+            worker_speed(variant, divergence, n, h, v, device, repeats)
             if kind == "speed"
-            else worker_error(variant, n, h, v, device)
+            else worker_error(variant, divergence, n, h, v, device)
         )
         print(json.dumps(res))
         return
@@ -141,16 +144,17 @@ def main() -> None:
     rows = []
     for shape in a.shapes:
         n, h, v = (int(x) for x in shape.split("x"))
-        variants = ["naive"] + [str(c) for c in a.chunks]
-        for variant in variants:
-            row = {"shape": shape, "variant": variant, "device": a.device}
-            if variant == "naive" and not naive_fits(n, v, a.device):
-                row["error"] = "skipped: naive logits do not fit in memory"
-            else:
-                row.update(run_worker(["speed", variant, str(n), str(h), str(v), a.device, str(a.repeats)]))
-            row.update(run_worker(["error", variant, str(a.error_tokens), str(h), str(v), a.device, "1"]))
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+        for variant in ["naive"] + [str(c) for c in a.chunks]:
+            for divergence in a.divergences:
+                row = {"shape": shape, "variant": variant, "divergence": divergence, "device": a.device}
+                sizes = [str(h), str(v), a.device]
+                if variant == "naive" and not naive_fits(n, v, a.device):
+                    row["error"] = "skipped: naive logits do not fit in memory"
+                else:
+                    row.update(run_worker(["speed", variant, divergence, str(n), *sizes, str(a.repeats)]))
+                row.update(run_worker(["error", variant, divergence, str(a.error_tokens), *sizes, "1"]))
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
     print_table(rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps({"machine": machine(a.device), "rows": rows}, indent=1))
@@ -163,22 +167,32 @@ def machine(device: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    naive = {r["shape"]: r for r in rows if r["variant"] == "naive" and "seconds" in r}
+    """One row per (shape, variant, divergence): time and peak memory, against the naive
+    path of the same divergence and against the reverse KL at the same variant."""
+    timed = {(r["shape"], r["variant"], r["divergence"]): r for r in rows if "seconds" in r}
     print(f"\n{machine(rows[0]['device'])}")
-    print("| N x H x V | variant | fwd+bwd s | x naive | peak MiB | % naive | loss err | grad err |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| N x H x V | variant | divergence | fwd+bwd s | x naive | x reverse | peak MiB | % naive "
+        "| x reverse | loss err | grad err |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = naive.get(r["shape"])
         if "seconds" not in r:
-            print(f"| {r['shape']} | {r['variant']} | {r.get('error', '')} | | | | | |")
+            print(f"| {r['shape']} | {r['variant']} | {r['divergence']} | {r.get('error', '')} |" + " |" * 7)
             continue
-        speed = f"{r['seconds'] / base['seconds']:.2f}" if base else "-"
-        mem = f"{100 * r['peak_extra_bytes'] / base['peak_extra_bytes']:.1f}" if base else "-"
+        naive = timed.get((r["shape"], "naive", r["divergence"]))
+        reverse = timed.get((r["shape"], r["variant"], "reverse"))
+        mib = r["peak_extra_bytes"] / 2**20
         print(
-            f"| {r['shape']} | {r['variant']} | {r['seconds']:.2f} | {speed} | "
-            f"{r['peak_extra_bytes'] / 2**20:.0f} | {mem} | {r.get('loss_rel_err', float('nan')):.1e} | "
-            f"{r.get('grad_rel_err', float('nan')):.1e} |"
+            f"| {r['shape']} | {r['variant']} | {r['divergence']} | {r['seconds']:.2f} | "
+            f"{ratio(r, naive, 'seconds')} | {ratio(r, reverse, 'seconds')} | {mib:.0f} | "
+            f"{ratio(r, naive, 'peak_extra_bytes', 100, '.1f')} | {ratio(r, reverse, 'peak_extra_bytes')} | "
+            f"{r.get('loss_rel_err', float('nan')):.1e} | {r.get('grad_rel_err', float('nan')):.1e} |"
         )
+
+
+def ratio(row: dict, base: dict | None, key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+    return f"{scale * row[key] / base[key]:{fmt}}" if base else "-"
 
 
 if __name__ == "__main__":

@@ -6,31 +6,63 @@ import pytest
 import torch
 
 from losses import (
+    LossSettings,
+    Tokens,
     beta_schedule,
     chunked_head,
     chunked_kl,
     clipped_policy_loss,
+    divergence_from_logits,
+    forward_kl_from_logits,
     group_advantages,
+    jsd_from_logits,
     kl_from_logits,
-    opsd_loss,
     reference_kl,
     rlsd_lambda,
-    rlsd_loss,
-    sdpg_loss,
 )
+from losses import opsd_loss as opsd_objective
+from losses import rlsd_loss as rlsd_objective
+from losses import sdpg_loss as sdpg_objective
 
 D = torch.float64
 
 
-def naive_kl(hs, ht, w, b=None, temperature=1.0):
-    """The definition, in float64, one token at a time: sum_v p (log p - log q)."""
+def sdpg_loss(
+    lp, olp, adv, mask, kl=None, rlp=None, *, beta=0.0, outcome_weight=1.0, normalizer=None, **knobs
+):
+    """losses.sdpg_loss with its inputs as plain tensors and its settings as keywords."""
+    tokens = Tokens(lp, olp, adv, mask, kl=kl, ref_logp=rlp)
+    return sdpg_objective(
+        tokens, LossSettings(**knobs), beta=beta, outcome_weight=outcome_weight, normalizer=normalizer
+    )
+
+
+def opsd_loss(lp, olp, tlp, adv, mask, **knobs):
+    return opsd_objective(Tokens(lp, olp, adv, mask, teacher_logp=tlp), LossSettings(**knobs))
+
+
+def rlsd_loss(lp, olp, tlp, adv, mask, *, lam, **knobs):
+    return rlsd_objective(Tokens(lp, olp, adv, mask, teacher_logp=tlp), LossSettings(**knobs), lam=lam)
+
+
+def naive_kl(hs, ht, w, b=None, temperature=1.0, divergence="reverse", lam=0.5):
+    """The definitions, in float64, one token at a time, with p the student, q the teacher:
+    reverse sum_v p (log p - log q); forward sum_v q (log q - log p); jsd
+    lam KL(q || m) + (1 - lam) KL(p || m) with m = (1 - lam) p + lam q, summed directly."""
     out = []
     for i in range(hs.shape[0]):
         zs = (w.double() @ hs[i].double() + (0 if b is None else b.double())) / temperature
         zt = (w.double() @ ht[i].double() + (0 if b is None else b.double())) / temperature
         log_p = zs - torch.logsumexp(zs, 0)
         log_q = zt - torch.logsumexp(zt, 0)
-        out.append((log_p.exp() * (log_p - log_q)).sum())
+        p, q = log_p.exp(), log_q.exp()
+        if divergence == "reverse":
+            out.append((p * (log_p - log_q)).sum())
+        elif divergence == "forward":
+            out.append((q * (log_q - log_p)).sum())
+        else:
+            m = (1 - lam) * p + lam * q
+            out.append(lam * (q * (q / m).log()).sum() + (1 - lam) * (p * (p / m).log()).sum())
     return torch.stack(out)
 
 
@@ -51,12 +83,18 @@ def make_case(n=9, h=6, v=11, seed=0, dtype=D, scale=1.0):
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("head_grad", [False, True], ids=["jacobian-path", "recompute-path"])
-def test_chunked_kl_matches_logits_path(chunk, use_bias, temperature, head_grad):
-    hs, ht, w, b, y = make_case()
+@pytest.mark.parametrize("divergence, n", [("reverse", 9), ("forward", 9), ("jsd", 9), ("jsd", 75)])
+def test_chunked_kl_matches_logits_path(chunk, use_bias, temperature, head_grad, divergence, n):
+    """Every divergence against the materialised logits and the per-token definition:
+    values and the gradients of hidden states, head weight and bias; chunks that do not
+    divide N; n = 75 spans several of the JSD's 32-row blocks."""
+    hs, ht, w, b, y = make_case(n=n)
     b = b if use_bias else None
-    ref = naive_kl(hs, ht, w, b, temperature)
+    lam = 0.3
+    ref = naive_kl(hs, ht, w, b, temperature, divergence, lam)
     weights = torch.linspace(0.5, 2.0, hs.shape[0], dtype=D)
     coeff = torch.linspace(-1.0, 1.5, hs.shape[0], dtype=D)
+    options = {"divergence": divergence, "jsd_lambda": lam}
 
     def run(fn):
         h = hs.clone().requires_grad_()
@@ -70,17 +108,17 @@ def test_chunked_kl_matches_logits_path(chunk, use_bias, temperature, head_grad)
         zs = h @ w1.T + (0 if b1 is None else b1)
         zt = ht @ w1.T + (0 if b1 is None else b1)
         logp = torch.log_softmax(zs / temperature, -1).gather(1, y[:, None]).squeeze(1)
-        return logp, kl_from_logits(zs, zt, temperature)
+        return logp, divergence_from_logits(zs, zt, temperature, **options)
 
     def chunked(h, w1, b1):
-        logp, kl, _ = chunked_head(h, w1, y, ht, b1, temperature, chunk_size=chunk)
+        logp, kl, _ = chunked_head(h, w1, y, ht, b1, temperature, chunk_size=chunk, **options)
         return logp, kl
 
     expected, got = run(materialised), run(chunked)
     torch.testing.assert_close(expected[0], ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got[0], ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
-        chunked_kl(hs, ht, w, b, temperature, chunk_size=chunk), ref, rtol=1e-12, atol=1e-12
+        chunked_kl(hs, ht, w, b, temperature, chunk_size=chunk, **options), ref, rtol=1e-12, atol=1e-12
     )
     for e, g in zip(expected[1:], got[1:], strict=True):
         if e is None:
@@ -248,6 +286,81 @@ def test_local_policy_gradient_view_by_enumeration():
         (grad_log_pa,) = torch.autograd.grad(log_p[a], theta)
         expected += log_p[a].exp().detach() * grad_log_pa * (log_p[a].detach() - log_q[a])
     torch.testing.assert_close(grad_kl, expected)
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "forward", "jsd"])
+def test_every_divergence_passes_gradcheck_and_keeps_the_teacher_a_stop_gradient(divergence):
+    hs, ht, w, b, y = make_case(n=6, h=4, v=7, seed=9)
+    options = {"divergence": divergence, "jsd_lambda": 0.35}
+    coeff = torch.linspace(-1.0, 2.0, 6, dtype=D)
+
+    def objective(h, w1=w, b1=b):
+        logp, kl, _ = chunked_head(h, w1, y, ht, b1, temperature=0.8, chunk_size=4, **options)
+        return kl, logp * coeff
+
+    h = hs.clone().requires_grad_()
+    assert torch.autograd.gradcheck(objective, (h,), eps=1e-6, atol=1e-8)  # Jacobian path
+    w2, b2 = w.clone().requires_grad_(), b.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: objective(x, w2, b2), (h,), eps=1e-6, atol=1e-8)  # recompute
+    # the teacher gets no gradient, and the shared head only the student branch's
+    t = ht.clone().requires_grad_()
+    w3 = w.clone().requires_grad_()
+    chunked_kl(hs, t, w3, b, 0.8, 4, **options).sum().backward()
+    assert t.grad is None
+    w4 = w.clone().requires_grad_()
+    divergence_from_logits(hs @ w4.T + b, ht @ w.T + b, 0.8, **options).sum().backward()  # teacher constant
+    torch.testing.assert_close(w3.grad, w4.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_forward_kl_and_jsd_are_zero_only_at_equality_and_jsd_tends_to_each_kl():
+    hs, ht, w, b, _ = make_case(n=20, v=17, seed=5, scale=3.0)
+    zs, zt = hs @ w.T + b, ht @ w.T + b
+    for name in ("forward", "jsd"):
+        torch.testing.assert_close(
+            chunked_kl(hs, hs.clone(), w, b, divergence=name), torch.zeros(20, dtype=D)
+        )
+        assert (chunked_kl(hs, ht, w, b, divergence=name) > 1e-6).all()  # every token's p differs from q
+    jsd_half = jsd_from_logits(zs, zt, 1.0, 0.5)
+    assert (jsd_half <= math.log(2) + 1e-12).all()  # the symmetric JSD is bounded by log 2
+    # TRL's ends: JSD / lam -> forward KL(q || p) as lam -> 0, JSD / (1 - lam) -> reverse as lam -> 1
+    for lam in (1e-7, 1e-9):  # the limit is O(lam max q/p) away: these peaked tokens need a small lam
+        torch.testing.assert_close(
+            jsd_from_logits(zs, zt, 1.0, lam) / lam, forward_kl_from_logits(zs, zt), rtol=2e-3, atol=1e-9
+        )
+        torch.testing.assert_close(
+            jsd_from_logits(zs, zt, 1.0, 1 - lam) / lam, kl_from_logits(zs, zt), rtol=2e-3, atol=1e-9
+        )
+    with pytest.raises(ValueError, match="0 < jsd_lambda < 1"):
+        chunked_kl(hs, ht, w, divergence="jsd", jsd_lambda=1.0)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        chunked_kl(hs, ht, w, divergence="hellinger")
+
+
+@pytest.mark.parametrize("divergence", ["reverse", "forward", "jsd"])
+def test_padded_rows_score_only_their_response_tokens(divergence):
+    """score_tokens on [B, T] with padding that holds garbage: valid tokens equal the
+    per-token definition, padded ones are 0 and get no gradient."""
+    from torch import nn
+
+    from rollout import score_tokens
+
+    hs, ht, w, b, y = make_case(n=12, h=5, v=9, seed=13)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])  # [B, T]: row 0 ended early
+    h = hs.view(2, 6, 5).clone()
+    h[0, 4:] = 1e4  # garbage where there is no token
+    h.requires_grad_()
+    head = nn.Linear(5, 9, dtype=D)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(b)
+    head.requires_grad_(False)
+    logp, kl, _ = score_tokens(head, h, y.view(2, 6), mask, ht.view(2, 6, 5), 0.9, 5, divergence=divergence)
+    valid = mask.bool().view(-1)
+    expected = naive_kl(hs[valid], ht[valid], w, b, 0.9, divergence)
+    torch.testing.assert_close(kl.view(-1)[valid], expected, rtol=1e-12, atol=1e-12)
+    assert (kl[0, 4:] == 0).all() and (logp[0, 4:] == 0).all()
+    (kl.sum() + logp.sum()).backward()
+    assert (h.grad[0, 4:] == 0).all() and h.grad[0, :4].abs().sum() > 0
 
 
 def test_chunk_size_must_be_positive():

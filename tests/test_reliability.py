@@ -139,13 +139,14 @@ def test_ctrl_c_or_sigterm_saves_and_exits_128_plus_the_signal(signum, code, tin
 
 
 def main_code(argv, capsys) -> tuple[int, list[str]]:
-    """sdpg.main in this process: (exit code, stderr lines other than progress bars)."""
+    """sdpg.main in this process: (exit code, stderr lines other than progress bars and the
+    teacher check's warnings, which a random tiny model earns)."""
     try:
         code = sdpg.main([str(x) for x in argv])
     except SystemExit as e:  # argparse
         code = e.code
     lines = capsys.readouterr().err.strip().splitlines()
-    return code, [x for x in lines if x.strip() and not re.search(r"\d%\|", x)]
+    return code, [x for x in lines if x.strip() and not re.search(r"\d%\||^warning: ", x)]
 
 
 def test_resume_refuses_another_kind_of_run(tiny_path, tmp_path, capsys):
@@ -169,13 +170,13 @@ def test_resume_refuses_another_kind_of_run(tiny_path, tmp_path, capsys):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_path, tmp_path, monkeypatch, capsys):
-    real = sdpg.sdpg_loss
+    real = sdpg.policy_loss
 
     def poisoned(*a, **k):
         loss, m = real(*a, **k)
         return loss * float("nan"), m
 
-    monkeypatch.setattr(sdpg, "sdpg_loss", poisoned)
+    monkeypatch.setattr(sdpg, "policy_loss", poisoned)
     out = tmp_path / "run"
     code = sdpg.main(["--model", str(tiny_path), *RUN, "--steps", "10", "--output-dir", str(out)])
     err = capsys.readouterr().err
@@ -275,11 +276,29 @@ def test_bad_data_fails_before_any_model_work(tmp_path):
         (["--algo", "opsd", "--alpha", "0.1"], "--algo opsd has no reference anchor"),
         (["--algo", "opsd", "--teacher", "live", "--print-verl-overrides"], "another --teacher"),
         (["--lr-warmup-steps", "-1"], "--lr-warmup-steps >= 0"),
+        (["--tiny-warm-start-steps", "-1"], "--tiny-warm-start-steps >= 0"),
+        (["--distill-divergence", "jsd", "--jsd-lambda", "1"], "--jsd-lambda must be in (0, 1)"),
+        (["--distill-divergence", "hellinger"], "invalid choice: 'hellinger'"),
+        (["--algo", "grpo", "--distill-divergence", "forward"], "no full-vocabulary distillation term"),
+        (["--distill-divergence", "forward", "--print-verl-overrides"], "reverse KL from the plain teacher"),
+        (["--teacher-contrast", "--print-verl-overrides"], "reverse KL from the plain teacher"),
+        (["--algo", "grpo", "--teacher-contrast"], "--teacher-contrast changes the distillation teacher"),
+        (["--context-template", "auto", "--check-size", "0"], "auto chooses on training questions"),
+        (["--resume"], "--resume continues the run in --output-dir: name that folder"),
+        (["--eval-only", "--resume"], "--resume continues the run in --output-dir"),
     ],
 )
 def test_bad_flags(argv, words, tmp_path, capsys):
-    code, err = main_code([*argv, "--output-dir", tmp_path / "o"], capsys)
+    out = [] if "--resume" in argv else ["--output-dir", tmp_path / "o"]
+    code, err = main_code([*argv, *out], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_an_empty_output_dir_is_refused(tmp_path, capsys):
+    code, err = main_code(["--output-dir", " "], capsys)
+    assert code == 2 and err == [
+        "error: --output-dir is empty: name a folder for the run, or leave the flag out"
+    ]
 
 
 def test_bad_data_files(tiny_path, tmp_path, capsys):

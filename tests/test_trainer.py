@@ -90,12 +90,23 @@ def spread_lora_b(model):
 
 
 def naive_loss(
-    model, batch, adv, beta, alpha, ref_logp, outcome=1.0, teacher="live", old_logp=None, ema=None
+    model,
+    batch,
+    adv,
+    beta,
+    alpha,
+    ref_logp,
+    outcome=1.0,
+    teacher="live",
+    old_logp=None,
+    ema=None,
+    divergence="reverse",
 ):
     """The SDPG loss from full [B, T, V] logits in float64, written independently.
     teacher="initial": the model with its adapter switched off; "ema": the model with the
     trainable weights replaced by `ema` (name -> tensor). old_logp: pi_old for an
-    off-policy ratio with DAPO's dual clip (None: on-policy, ratio 1)."""
+    off-policy ratio with DAPO's dual clip (None: on-policy, ratio 1). divergence: the
+    distillation term, reverse KL(p||q), forward KL(q||p) or the JSD at lambda 0.5."""
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in (ema or {})}
     with torch.no_grad(), model.disable_adapter() if teacher == "initial" else nullcontext():
@@ -107,7 +118,15 @@ def naive_loss(
     student = full_logits(model, batch, batch.student_ids, batch.student_mask)  # after the swap
     log_p = torch.log_softmax(student, -1)
     logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(max=20.0)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "reverse":
+        kl = (p * (log_p - log_q)).sum(-1)
+    elif divergence == "forward":
+        kl = (q * (log_q - log_p)).sum(-1)
+    else:
+        m = 0.5 * (p + q)
+        kl = 0.5 * (q * (log_q - m.log())).sum(-1) + 0.5 * (p * (log_p - m.log())).sum(-1)
+    kl = kl.clamp(max=20.0)
     a = adv[:, None].double()
     if old_logp is None:
         pg = -a * torch.exp(logp - logp.detach())  # on-policy: ratio 1, gradient -A dlogp
@@ -125,19 +144,24 @@ def grads_of(model):
 
 
 @pytest.mark.parametrize(
-    "algo, beta, alpha, teacher, off_policy",
+    "algo, beta, alpha, teacher, off_policy, divergence",
     [
-        ("sdpg", 0.3, 0.2, "live", False),
-        ("sdpg", 0.3, 0.2, "live", True),
-        ("grpo", 0.0, 0.0, "live", True),
-        ("opd", 0.5, 0.0, "live", False),
-        ("sdpg", 0.7, 0.1, "initial", False),
-        ("sdpg", 0.7, 0.1, "ema", False),
+        ("sdpg", 0.3, 0.2, "live", False, "reverse"),
+        ("sdpg", 0.3, 0.2, "live", True, "reverse"),
+        ("grpo", 0.0, 0.0, "live", True, "reverse"),
+        ("opd", 0.5, 0.0, "live", False, "reverse"),
+        ("sdpg", 0.7, 0.1, "initial", False, "reverse"),
+        ("sdpg", 0.7, 0.1, "ema", False, "reverse"),
+        ("sdpg", 0.7, 0.1, "live", True, "forward"),
+        ("sdpg", 0.7, 0.1, "live", True, "jsd"),
     ],
 )
-def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alpha, teacher, off_policy):
+def test_gradient_equals_independent_full_logits_loss(
+    tiny_path, algo, beta, alpha, teacher, off_policy, divergence
+):
     beta_flags = ["--beta", str(beta)] if beta else []
-    args = make_args(tiny_path, "--algo", algo, "--alpha", str(alpha), "--teacher", teacher, *beta_flags)
+    flags = ["--alpha", str(alpha), "--teacher", teacher, "--distill-divergence", divergence, *beta_flags]
+    args = make_args(tiny_path, "--algo", algo, *flags)
     policy = load_small_policy(args)
     model, tok = policy.model, policy.tokenizer
     with torch.no_grad():  # a non-zero adapter, so the teacher and reference differ from the student
@@ -167,7 +191,9 @@ def test_gradient_equals_independent_full_logits_loss(tiny_path, algo, beta, alp
     ours = grads_of(model)
     model.zero_grad()
     outcome = 0.0 if algo == "opd" else 1.0
-    expected = naive_loss(model, batch, adv, beta, alpha, ref_logp, outcome, teacher, old_logp, ema)
+    expected = naive_loss(
+        model, batch, adv, beta, alpha, ref_logp, outcome, teacher, old_logp, ema, divergence
+    )
     expected.backward()
     theirs = grads_of(model)
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
@@ -397,9 +423,11 @@ def test_mini_batches_step_from_the_rollouts_old_logprobs(tiny_path, monkeypatch
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     seen, steps = [], []
-    real_loss, real_step = sdpg.sdpg_loss, optimizer.clip_and_step
+    real_loss, real_step = sdpg.policy_loss, optimizer.clip_and_step
     monkeypatch.setattr(
-        sdpg, "sdpg_loss", lambda lp, old, *a, **k: seen.append((lp, old)) or real_loss(lp, old, *a, **k)
+        sdpg,
+        "policy_loss",
+        lambda algo, t, *a, **k: seen.append((t.logp, t.old_logp)) or real_loss(algo, t, *a, **k),
     )
     monkeypatch.setattr(optimizer, "clip_and_step", lambda c: steps.append(1) or real_step(c))
     metrics, batch, _ = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
@@ -493,12 +521,13 @@ def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
     sampled = torch.tensor(calls[:n], dtype=torch.float64).view(-1, 3)  # the first call
     assert set(result) == {
         "eval_mean@3", "eval_pass@3", "eval_greedy", "eval_teacher_greedy",
-        "eval_answered", "eval_truncated", "eval_response_len",
+        "eval_answered", "eval_truncated", "eval_response_len", "eval_teacher_len", "eval_teacher_truncated",
     }  # fmt: skip
     assert result["eval_mean@3"] == pytest.approx(float(sampled.mean()))
     assert result["eval_pass@3"] == pytest.approx(float(sampled.amax(1).mean()))
     assert result["eval_answered"] == pytest.approx(sum(1 for i in range(1, n + 1) if i % 2) / n)
     assert 0 < result["eval_response_len"] <= 6 and 0 <= result["eval_truncated"] <= 1
+    assert 0 < result["eval_teacher_len"] <= 6 and 0 <= result["eval_teacher_truncated"] <= 1
 
 
 @pytest.mark.parametrize("teacher", ["live", "initial", "ema"])

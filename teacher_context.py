@@ -1,0 +1,178 @@
+"""The privileged context: does the teacher view answer better, and in which phrasing.
+
+SDPG pulls the student toward the same model shown a privileged context c. That helps
+only where the teacher view answers better than the student, and the phrasing of c
+decides both how well the teacher answers and the style it pulls the student toward:
+shown the authors' "... but show your full solution process", SmolLM2-135M answers
+worse than without it, in longer answers, and SDPG then grows the student's answers
+until they hit the length cap (README, "The teacher check"). So both are measured
+before step 1, on training questions only (never held-out ones):
+
+  check   greedy accuracy, mean length and truncation of the student view and of the
+          teacher view on a fixed sample of training questions, with a warning when the
+          teacher is not clearly better or writes much longer answers;
+  choose  `--context-template auto`: of data.CONTEXT_TEMPLATES and --context-candidates,
+          the phrasing whose teacher view answers most questions right (ties: the
+          shorter answers).
+
+Greedy decoding, as the evaluation's teacher column, so the figures are one number per
+question and repeatable.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import data
+from policy import Policy, teacher_role
+from rollout import rollout
+
+ROWS = 256  # responses per generate call, as in evaluation
+MARGIN = 0.10  # the teacher view must be right on 10 points more questions to count as better
+LONGER = 1.5  # ... and its answers no more than 1.5x as long as the student's
+
+
+@dataclass
+class ViewStats:
+    """Greedy answers of one view on the check sample."""
+
+    accuracy: float  # share of questions answered right
+    length: float  # mean response length in tokens
+    truncated: float  # share cut off at --max-new-tokens
+    questions: list[str]  # which questions were scored (all training questions)
+
+    def row(self, name: str) -> str:
+        return f"  {name:<12} {100 * self.accuracy:7.1f}% {self.length:12.1f} {100 * self.truncated:10.1f}%"
+
+
+def check_sample(train: list[data.Example], size: int, seed: int) -> list[data.Example]:
+    """A fixed sample of `size` training questions (the check never reads held-out ones)."""
+    return random.Random(seed * 7919 + 17).sample(train, min(size, len(train)))
+
+
+def greedy_stats(policy: Policy, examples: list[data.Example], view: str, cfg, verifier) -> ViewStats:
+    """Greedy answers of the student view, or of the teacher view read by the run's
+    --teacher weights, scored by the verifier."""
+    right, lengths, cut = [], [], []
+    for s in range(0, len(examples), ROWS):
+        chunk = examples[s : s + ROWS]
+        with teacher_role(policy, cfg.teacher) if view == "teacher" else nullcontext(policy.model) as model:
+            b = rollout(model, policy.tokenizer, chunk, 1, cfg.max_new_tokens, 0.0, 1.0, cfg.seed, view=view)
+        right += [verifier(c, a).reward for c, a in zip(b.completions, b.answers, strict=True)]
+        lengths += b.response_mask.sum(1).tolist()
+        cut += b.truncated.tolist()
+    n = max(1, len(examples))
+    return ViewStats(sum(right) / n, sum(lengths) / n, sum(cut) / n, [e.question for e in examples])
+
+
+def choose_template(
+    candidates: dict[str, str], sample: list[data.Example], score: Callable[[list[data.Example]], ViewStats]
+) -> tuple[str, dict[str, ViewStats]]:
+    """(the chosen name, every candidate's teacher-view stats): most questions right, ties
+    broken by the shorter answers, then by the order given. `score` greedy-decodes the
+    teacher view of examples rewritten with one candidate."""
+    stats = {name: score([data.with_context(e, text) for e in sample]) for name, text in candidates.items()}
+    order = list(candidates)
+    best = min(
+        order, key=lambda n: (-round(stats[n].accuracy * len(sample)), stats[n].length, order.index(n))
+    )
+    return best, stats
+
+
+def warnings(student: ViewStats, teacher: ViewStats) -> list[str]:
+    """What the check says when SDPG has little to distil, or a style to copy."""
+    out = []
+    if teacher.accuracy < student.accuracy + MARGIN:
+        out.append(
+            f"warning: the teacher view answers no better than the student ({100 * teacher.accuracy:.0f}% vs "
+            f"{100 * student.accuracy:.0f}% of {len(student.questions)} training questions, greedy): "
+            "SDPG has little to distil. Try --context-template auto, a context that states the answer "
+            "plainly, or --algo grpo."
+        )
+    if teacher.length > LONGER * student.length or teacher.truncated > student.truncated + MARGIN:
+        out.append(
+            f"warning: the teacher view writes much longer answers ({teacher.length:.0f} vs "
+            f"{student.length:.0f} tokens; cut off {100 * teacher.truncated:.0f}% vs "
+            f"{100 * student.truncated:.0f}%): SDPG pulls the student toward that style and its answers "
+            "grow. Try a shorter --context-template, or --context-template auto."
+        )
+    return out
+
+
+def table(rows: dict[str, ViewStats], title: str) -> str:
+    head = f"{title}\n  {'view':<12} {'accuracy':>8} {'mean length':>12} {'truncated':>11}"
+    return "\n".join([head, *(stats.row(name) for name, stats in rows.items())])
+
+
+def metrics(student: ViewStats, teacher: ViewStats) -> dict[str, float]:
+    """The check as metrics.jsonl keys (logged with step 0)."""
+    return {
+        f"check_{who}_{key}": getattr(stats, key)
+        for who, stats in (("student", student), ("teacher", teacher))
+        for key in ("accuracy", "length", "truncated")
+    }
+
+
+def settle(policy: Policy, splits, args, cfg, verifier, saved_template: str | None):
+    """The run's privileged context, then the check. Returns (train, eval) rewritten with
+    the final template and the check's metrics for step 0 ({} when resuming).
+
+    `auto` chooses on training questions and writes the chosen text into
+    args.context_template, so args.json records it and a resumed run uses the same: it
+    passes `saved_template`, the text its checkpoint recorded, and nothing is checked."""
+    if saved_template is not None:
+        args.context_template = saved_template
+        return rewrite(splits, saved_template, policy.tokenizer, args.max_prompt_length), {}
+    if args.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
+        if args.context_template == "auto":  # the evaluation's teacher column still needs a text
+            args.context_template = data.CONTEXT_TEMPLATE
+        return rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length), {}
+    sample = check_sample(splits[0], args.check_size, args.seed)
+
+    def score(examples: list[data.Example], view: str = "teacher") -> ViewStats:
+        return greedy_stats(policy, examples, view, cfg, verifier)
+
+    student = score(sample, "student")
+    if args.context_template == "auto":
+        args.context_template, teacher = choose(sample, args.context_candidates, student, score)
+    else:
+        teacher = score([data.with_context(e, args.context_template) for e in sample])
+    print(
+        table({"student": student, "teacher": teacher}, f"teacher check on {len(sample)} training questions")
+    )
+    for line in warnings(student, teacher):
+        print(line, file=sys.stderr)
+    return rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length), metrics(
+        student, teacher
+    )
+
+
+def choose(
+    sample: list[data.Example], extra: list[str], student: ViewStats, score: Callable[..., ViewStats]
+) -> tuple[str, ViewStats]:
+    """`--context-template auto`: (the chosen text, its teacher-view stats); prints every
+    candidate's row and the choice."""
+    if not any(e.context_template for e in sample):
+        print("note: every question brings its own context: --context-template auto has nothing to choose")
+        return data.CONTEXT_TEMPLATE, score(sample)
+    candidates = {**data.CONTEXT_TEMPLATES, **{f"yours-{i + 1}": text for i, text in enumerate(extra)}}
+    name, stats = choose_template(candidates, sample, score)
+    title = f"--context-template auto: each phrasing's teacher view on {len(sample)} training questions"
+    print(table({"student": student, **stats}, title))
+    print(f"chose {name!r}: {candidates[name]!r}")
+    return candidates[name], stats[name]
+
+
+def rewrite(splits, template: str, tokenizer, max_prompt_length: int):
+    """(train, eval) with their contexts written from `template`, prompts that no longer
+    fit --max-prompt-length dropped (with a count)."""
+    return tuple(
+        data.drop_long_prompts(
+            [data.with_context(e, template) for e in examples], tokenizer, max_prompt_length, name
+        )
+        for examples, name in zip(splits, ("train", "eval"), strict=True)
+    )
