@@ -57,10 +57,11 @@ def filled_once(entry: Path, build: Callable[[Path], None], what: str) -> Path:
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
             try:
-                build(tmp)
-                os.replace(tmp, entry)
+                (tmp / "entry").mkdir()  # the umask's permissions (mkdtemp's own are 0700)
+                build(tmp / "entry")
+                os.replace(tmp / "entry", entry)
             finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # gone already after a rename
+                shutil.rmtree(tmp, ignore_errors=True)
         except OSError as e:
             raise cache_error(entry, what, e) from e
     print(f"built {what} into {entry} (once; later runs reuse it)", file=sys.stderr)

@@ -108,6 +108,9 @@ def test_two_runs_filling_an_empty_cache_at_once_both_succeed_and_build_once(kin
     assert builds == 1, [r.stderr for r in results]
     entries = sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock"))
     assert entries == [Path(paths.pop()).name]  # no temporary folder left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (cache / entries[0]).stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
     if kind == "gguf":  # the converted folder is the GGUF's model, logit for logit
         entry = cache / entries[0]
         a = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32)
@@ -127,7 +130,7 @@ def test_a_build_killed_midway_leaves_no_entry_and_the_next_run_repairs_it(tmp_p
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not list(cache.glob(".tiny-*.tmp-*/config.json")) and time.time() < deadline:
+    while not list(cache.glob(".tiny-*.tmp-*/entry/config.json")) and time.time() < deadline:
         time.sleep(0.05)  # the builder is inside its build: it has written the random model
     proc.send_signal(signal.SIGKILL)
     proc.wait()
