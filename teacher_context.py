@@ -141,14 +141,12 @@ def settle(policy: Policy, splits, args, cfg, verifier, saved_template: str | No
         args.context_template, teacher = choose(sample, args.context_candidates, student, score)
     else:
         teacher = score([data.with_context(e, args.context_template) for e in sample])
-    print(
-        table({"student": student, "teacher": teacher}, f"teacher check on {len(sample)} training questions")
-    )
+    title = f"teacher check on {len(sample)} training questions"
+    print(table({"student": student, "teacher": teacher}, title))
     for line in warnings(student, teacher):
         print(line, file=sys.stderr)
-    return rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length), metrics(
-        student, teacher
-    )
+    splits = rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length)
+    return splits, metrics(student, teacher)
 
 
 def choose(

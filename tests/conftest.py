@@ -16,7 +16,8 @@ import cli  # noqa: E402
 from policy import load_policy, load_tokenizer  # noqa: E402
 from tiny_model import build_tiny_model  # noqa: E402
 
-# B = 2 prompts x G = 4 samples x at most 6 tokens, 4 held-out prompts, no evals between.
+# B = 2 prompts x G = 4 samples x at most 6 tokens, 4 held-out prompts, no evals between,
+# a teacher check (and auto) on 8 training questions.
 SMALL_RUN = [
     "--data",
     "arithmetic",
@@ -34,6 +35,8 @@ SMALL_RUN = [
     "2",
     "--eval-every",
     "0",
+    "--check-size",
+    "8",
 ]
 
 
