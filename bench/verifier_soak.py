@@ -3,7 +3,8 @@
 Kinds of input, generated from a seed: random unicode (lone surrogates, NUL, control
 characters included), deep or unbalanced braces, huge digit strings, 1 MB inputs, and
 near misses of every answer format the verifier reads. Each string is verified both as
-a completion and as the gold answer. Prints a table per kind and writes JSON.
+a completion and as the gold answer, reading a random format first (as --instruction
+makes it) or none. Prints a table per kind and writes JSON.
 
     python bench/verifier_soak.py            # target: slowest call <= 50 ms
 """
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from verifier import verify  # noqa: E402
+from verifier import EXTRACTORS, verify  # noqa: E402
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
@@ -78,10 +79,11 @@ def main() -> None:
     for _ in range(a.n):
         kind = rng.choices(kinds, weights)[0]
         text = make_input(kind, rng)
+        prefer = rng.choice([None, *EXTRACTORS])  # the format an --instruction may ask for first
         for completion, gold in ((text, "42"), ("\\boxed{42}", text)):
             t0 = time.perf_counter()
             try:
-                verify(completion, gold)
+                verify(completion, gold, prefer=prefer)
             except Exception:  # the point of the soak: count, never crash
                 stats[kind]["exceptions"] += 1
             ms = 1000 * (time.perf_counter() - t0)

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from errors import UsageError
-from verifier import extract_answer, make_reward_fn, normalize, reward, to_number, verify
+from verifier import answer_format, extract_answer, make_reward_fn, normalize, reward, to_number, verify
 
 # (completion, expected extracted answer, expected method)
 EXTRACTION = [
@@ -177,10 +177,29 @@ def test_huge_equal_digit_strings_compare_as_text():
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.text(max_size=2000), st.text(max_size=200))
-def test_any_text_never_raises(completion, gold):
-    v = verify(completion, gold)
+@given(st.text(max_size=2000), st.text(max_size=200), st.sampled_from([None, "boxed", "####", "answer is"]))
+def test_any_text_never_raises(completion, gold, prefer):
+    v = verify(completion, gold, prefer=prefer)
     assert v.reward in (0.0, 1.0)
+
+
+def test_the_format_asked_for_is_read_first_and_the_rest_keep_their_order():
+    both = "#### 3\nso \\boxed{4}, and the answer is 5."
+    assert [extract_answer(both, prefer=p) for p in (None, "boxed", "####", "answer is")] == [
+        ("4", "boxed"),
+        ("4", "boxed"),
+        ("3", "####"),
+        ("5", "answer is"),
+    ]
+    assert extract_answer("no stated answer, 7 apples", prefer="answer is") == ("7", "last number")
+    assert [
+        answer_format(t) for t in ("Put it in \\boxed{}.", "End with: The answer is <n>.", "#### n", "Hi.")
+    ] == [
+        "boxed",
+        "answer is",
+        "####",
+        None,
+    ]
 
 
 @settings(max_examples=200, deadline=None)
