@@ -224,7 +224,7 @@ def main() -> None:
         "--ablation-seeds", type=int, default=2, help="seeds of the divergence ablation (0: none)"
     )
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--eval-every", type=int, default=8)
     ap.add_argument("--eval-size", type=int, default=24, help="held-out questions per family")
     ap.add_argument(
         "--parallel",
@@ -259,7 +259,11 @@ def main() -> None:
             jobs.append((folder, [*families[family], *flags, *common, "--seed", str(seed)]))
     t0 = time.time()
     run_all(jobs, a.parallel)
-    results = {f: {n: [summary(p) for p in folders] for n, folders in c.items()} for f, c in layout.items()}
+    eval_steps = {*range(0, a.steps + 1, a.eval_every), a.steps}
+    results = {
+        f: {n: [summary(p, eval_steps) for p in folders] for n, folders in c.items()}
+        for f, c in layout.items()
+    }
     key = next(k for k in results["word-problems"]["grpo"][0]["evals"][0] if k.startswith("eval_mean@"))
     text = [
         f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time, one thread each)",

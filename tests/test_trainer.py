@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import cli
 import sdpg
-from data import arithmetic_split
+from data import arithmetic_split, with_wrong_answers
 from policy import EmaWeights, Optimizer, resolve_model_path
 from rollout import response_logprobs, rollout
 from tiny_model import TINY_VERSION, WARM_START_STEPS
@@ -106,20 +106,26 @@ def naive_loss(
     teacher="initial": the model with its adapter switched off; "ema": the model with the
     trainable weights replaced by `ema` (name -> tensor). old_logp: pi_old for an
     off-policy ratio with DAPO's dual clip (None: on-policy, ratio 1). divergence: the
-    distillation term, reverse KL(p||q), forward KL(q||p) or the JSD at lambda 0.5."""
+    distillation term, reverse KL(p||q), forward KL(q||p), the JSD at lambda 0.5, or
+    "contrast": reverse KL to q' = softmax(z_student + z_right - z_wrong)."""
     params = dict(model.named_parameters())
     saved = {n: params[n].detach().clone() for n in (ema or {})}
     with torch.no_grad(), model.disable_adapter() if teacher == "initial" else nullcontext():
         for n, w in (ema or {}).items():
             params[n].copy_(w)
-        log_q = torch.log_softmax(full_logits(model, batch, batch.teacher_ids, batch.teacher_mask), -1)
+        z_teacher = full_logits(model, batch, batch.teacher_ids, batch.teacher_mask)
+        if divergence == "contrast":
+            z_teacher = z_teacher - full_logits(model, batch, batch.contrast_ids, batch.contrast_mask)
         for n, w in saved.items():
             params[n].copy_(w)
     student = full_logits(model, batch, batch.student_ids, batch.student_mask)  # after the swap
+    if divergence == "contrast":
+        z_teacher = z_teacher + student.detach()
+    log_q = torch.log_softmax(z_teacher, -1)
     log_p = torch.log_softmax(student, -1)
     logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
     p, q = log_p.exp(), log_q.exp()
-    if divergence == "reverse":
+    if divergence in ("reverse", "contrast"):
         kl = (p * (log_p - log_q)).sum(-1)
     elif divergence == "forward":
         kl = (q * (log_q - log_p)).sum(-1)
@@ -154,13 +160,17 @@ def grads_of(model):
         ("sdpg", 0.7, 0.1, "ema", False, "reverse"),
         ("sdpg", 0.7, 0.1, "live", True, "forward"),
         ("sdpg", 0.7, 0.1, "live", True, "jsd"),
+        ("sdpg", 0.7, 0.1, "live", False, "contrast"),
+        ("sdpg", 0.7, 0.1, "initial", False, "contrast"),
     ],
 )
 def test_gradient_equals_independent_full_logits_loss(
     tiny_path, algo, beta, alpha, teacher, off_policy, divergence
 ):
     beta_flags = ["--beta", str(beta)] if beta else []
-    flags = ["--alpha", str(alpha), "--teacher", teacher, "--distill-divergence", divergence, *beta_flags]
+    contrast = divergence == "contrast"
+    divergence_flags = ["--teacher-contrast"] if contrast else ["--distill-divergence", divergence]
+    flags = ["--alpha", str(alpha), "--teacher", teacher, *divergence_flags, *beta_flags]
     args = make_args(tiny_path, "--algo", algo, *flags)
     policy = load_small_policy(args)
     model, tok = policy.model, policy.tokenizer
@@ -175,7 +185,7 @@ def test_gradient_equals_independent_full_logits_loss(
         for w in policy.ema.shadow:
             w.add_(torch.randn_like(w) * 0.05)
         ema = dict(zip(names, policy.ema.shadow, strict=True))
-    batch = rollout(model, tok, EXAMPLES[:2], 4, 6, seed=3)
+    batch = rollout(model, tok, with_wrong_answers(EXAMPLES)[:2], 4, 6, seed=3, contrast=contrast)
     adv = torch.tensor([1.0, -0.5, 0.3, -0.8, 0.0, 1.2, -1.1, 0.9])
     with model.disable_adapter():
         ref_logp = response_logprobs(model, batch, 1.0)
