@@ -17,6 +17,7 @@ from data import CONTEXT_TEMPLATES, INSTRUCTIONS
 from errors import UsageError
 from losses import AGG_MODES, DEFAULT_CHUNK, DIVERGENCES, KL_CLAMP, KL_MODES, LossSettings
 from policy import SHORT_NAMES, check_four_bit
+from teacher_context import ContextSettings
 from tiny_model import WARM_START_STEPS
 from trackers import parse_report_to
 from verifier import answer_format
@@ -192,6 +193,17 @@ class Config:
 def config(args: argparse.Namespace) -> Config:
     """The typed config from resolved flags."""
     return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
+
+
+def context_settings(args: argparse.Namespace) -> ContextSettings:
+    """What teacher_context.settle reads, from resolved flags."""
+    return ContextSettings(
+        template=args.context_template,
+        candidates=tuple(args.context_candidates),
+        check_size=args.check_size,
+        seed=args.seed,
+        max_prompt_length=args.max_prompt_length,
+    )
 
 
 # ---------------------------------------------------------------- parsing

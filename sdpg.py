@@ -483,8 +483,11 @@ def load(args, cfg: Config, resume_from: Path | None):
     saved = None
     if args.context_template == "auto" and resume_from is not None:
         saved = run_folder.saved_args(resume_from)["context_template"]
-    splits, check = teacher_context.settle(policy, splits, args, cfg, verifier, saved)
-    return policy, splits, verifier, check
+    context = cli.context_settings(args)
+    args.context_template, splits, check = teacher_context.settle(
+        policy, splits, context, cfg, verifier, saved
+    )
+    return policy, splits, verifier, check  # args.json records the text auto chose
 
 
 def evaluate_only(policy, eval_set, cfg: Config, verifier, out_dir, step: int, adapter: str | None) -> int:

@@ -117,36 +117,49 @@ def metrics(student: ViewStats, teacher: ViewStats) -> dict[str, float]:
     }
 
 
-def settle(policy: Policy, splits, args, cfg, verifier, saved_template: str | None):
-    """The run's privileged context, then the check. Returns (train, eval) rewritten with
-    the final template and the check's metrics for step 0 ({} when resuming).
+@dataclass(frozen=True)
+class ContextSettings:
+    """What settling the privileged context reads (cli.context_settings builds it)."""
 
-    `auto` chooses on training questions and writes the chosen text into
-    args.context_template, so args.json records it and a resumed run uses the same: it
-    passes `saved_template`, the text its checkpoint recorded, and nothing is checked."""
+    template: str  # text with {answer}, or "auto"
+    candidates: tuple[str, ...]  # --context-candidates, for auto
+    check_size: int  # training questions checked (0: none)
+    seed: int  # fixes which training questions
+    max_prompt_length: int  # prompts that no longer fit after the rewrite are dropped
+
+
+def settle(
+    policy: Policy, splits, settings: ContextSettings, cfg, verifier, saved_template: str | None
+) -> tuple[str, tuple, dict[str, float]]:
+    """The run's privileged context, then the check: (the template text, (train, eval)
+    rewritten with it, the check's metrics for step 0, {} when resuming).
+
+    `auto` chooses on training questions; the caller records the chosen text in the run's
+    arguments, so a resumed run passes it back as `saved_template` and nothing is
+    chosen or checked again."""
+    tokenizer, max_length = policy.tokenizer, settings.max_prompt_length
     if saved_template is not None:
-        args.context_template = saved_template
-        return rewrite(splits, saved_template, policy.tokenizer, args.max_prompt_length), {}
-    if args.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
-        if args.context_template == "auto":  # the evaluation's teacher column still needs a text
-            args.context_template = data.CONTEXT_TEMPLATE
-        return rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length), {}
-    sample = check_sample(splits[0], args.check_size, args.seed)
+        return saved_template, rewrite(splits, saved_template, tokenizer, max_length), {}
+    template = settings.template
+    if settings.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
+        template = data.CONTEXT_TEMPLATE if template == "auto" else template  # eval's teacher column
+        return template, rewrite(splits, template, tokenizer, max_length), {}
+    sample = check_sample(splits[0], settings.check_size, settings.seed)
 
     def score(examples: list[data.Example], view: str = "teacher") -> ViewStats:
         return greedy_stats(policy, examples, view, cfg, verifier)
 
     student = score(sample, "student")
-    if args.context_template == "auto":
-        args.context_template, teacher = choose(sample, args.context_candidates, student, score)
+    if template == "auto":
+        template, teacher = choose(sample, list(settings.candidates), student, score)
     else:
-        teacher = score([data.with_context(e, args.context_template) for e in sample])
-    title = f"teacher check on {len(sample)} training questions"
-    print(table({"student": student, "teacher": teacher}, title))
+        teacher = score([data.with_context(e, template) for e in sample])
+    print(
+        table({"student": student, "teacher": teacher}, f"teacher check on {len(sample)} training questions")
+    )
     for line in warnings(student, teacher):
         print(line, file=sys.stderr)
-    splits = rewrite(splits, args.context_template, policy.tokenizer, args.max_prompt_length)
-    return splits, metrics(student, teacher)
+    return template, rewrite(splits, template, tokenizer, max_length), metrics(student, teacher)
 
 
 def choose(

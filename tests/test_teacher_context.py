@@ -62,10 +62,11 @@ def test_auto_takes_the_stub_scorers_first_phrasing_and_reads_only_training_ques
 
     monkeypatch.setattr(teacher_context, "greedy_stats", stub)
     policy = load_small_policy(args)
-    (train2, evals2), check = teacher_context.settle(
-        policy, (train, evals), args, cli.config(args), None, None
+    settings = cli.context_settings(args)
+    chosen, (train2, evals2), check = teacher_context.settle(
+        policy, (train, evals), settings, cli.config(args), None, None
     )
-    assert args.context_template == "Psst: {answer}."
+    assert chosen == "Psst: {answer}."
     assert set(scored) <= {e.question for e in train} and not set(scored) & {e.question for e in evals}
     assert len(set(scored)) == args.check_size
     assert check["check_teacher_accuracy"] == 0.75 and check["check_student_accuracy"] == 0.25
