@@ -12,8 +12,8 @@ One step (`sdpg_step`) in five stages:
      anchor, pi_old (the policy before the first update) for the PPO ratio
   4. per mini-batch of whole groups, per micro-batch: teacher hidden states (no grad),
      student hidden states, one chunked pass over the LM head for log p(y_t) and
-     KL(p_t || SG[q_t]), `losses.sdpg_loss`, backward, with the loss normalised over
-     the mini-batch's tokens
+     KL(p_t || SG[q_t]), `losses.policy_loss` (SDPG's `sdpg_loss`, or a baseline's),
+     backward, with the loss normalised over the mini-batch's tokens
   5. clip the gradient norm and take an optimizer step, once per mini-batch; as in the
      authors' verl recipe, one rollout feeds B / --mini-batch-prompts updates
 
@@ -23,6 +23,9 @@ What is simplified compared with the authors' verl recipe, and why:
   - The loss is computed from final hidden states through a chunked LM head, so no
     [B, T, V] logits tensor exists; the values are the same (tests/test_trainer.py).
   - The teacher is the current model at the moment each micro-batch is scored.
+  - Before step 1 the teacher view is checked on training questions, and on real models
+    the privileged context's phrasing is chosen there (`teacher_context.py`): the paper
+    takes a context that helps for granted, a small model does not give it.
 
     python sdpg.py                                   # tiny offline model, arithmetic task
     python sdpg.py --model Qwen2.5-0.5B              # GSM8K on one GPU (LoRA, 4-bit)
