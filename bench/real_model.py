@@ -26,6 +26,7 @@ divergences.png and real_model.json (every run's curves).
     python bench/real_model.py                # 3 seeds x 4 contenders x 2 families + ablation
     python bench/real_model.py --quick        # 2 steps, 4 held-out prompts, 1 seed: a smoke run
     python bench/real_model.py --reuse        # after an interruption: only what is missing
+    python bench/real_model.py --report-only  # the tables of the runs finished so far
 """
 
 from __future__ import annotations
@@ -121,14 +122,15 @@ def run_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> None:
             (out / "seconds.txt").write_text(f"{time.time() - t0:.0f}\n")
 
 
-def summary(folder: Path) -> dict:
-    """One finished run: its evals, the teacher check, the chosen context, timings."""
+def summary(folder: Path, eval_steps: set[int]) -> dict:
+    """One finished run: its evals at `eval_steps`, the teacher check, the chosen context,
+    timings."""
     rows = read_metrics(folder)
     settings = json.loads((folder / "args.json").read_text())
     evals = [
         {k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
         for r in rows
-        if "eval_greedy" in r
+        if "eval_greedy" in r and r["step"] in eval_steps
     ]
     steps = [r for r in rows if "reward" in r]
     return {
@@ -236,6 +238,9 @@ def main() -> None:
         "--quick", action="store_true", help="2 steps, 4 held-out prompts, 8 checked, 1 seed: a smoke run"
     )
     ap.add_argument("--reuse", action="store_true", help="keep the runs already finished in --work")
+    ap.add_argument(
+        "--report-only", action="store_true", help="run nothing: the tables and plots of the finished runs"
+    )
     a = ap.parse_args()
     if a.quick:
         a.seeds, a.ablation_seeds, a.steps, a.eval_every, a.eval_size = 1, 1, 2, 1, 4
@@ -254,8 +259,11 @@ def main() -> None:
     ]
     for seed, family, name, flags in plan:  # whole seeds of the main comparison first, then the ablation
         folder = work / family / name / f"seed{seed}"
+        finished = (folder / "adapter").exists()  # the adapter is written at the end of a run
+        if a.report_only and not finished:
+            continue
         layout.setdefault(family, {}).setdefault(name, []).append(folder)
-        if not (a.reuse and (folder / "adapter").exists()):  # the adapter is written at the end
+        if not (finished and (a.reuse or a.report_only)):
             jobs.append((folder, [*families[family], *flags, *common, "--seed", str(seed)]))
     t0 = time.time()
     run_all(jobs, a.parallel)
@@ -265,11 +273,8 @@ def main() -> None:
         for f, c in layout.items()
     }
     key = next(k for k in results["word-problems"]["grpo"][0]["evals"][0] if k.startswith("eval_mean@"))
-    text = [
-        f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time, one thread each)",
-        "",
-    ]
-    for family in families:
+    text = [f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)", ""]
+    for family in results:
         main_runs = {n: r for n, r in results[family].items() if n in CONTENDERS}
         text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
         text += family_table(main_runs, key) + [""] + check_table(main_runs) + [""]
@@ -282,7 +287,7 @@ def main() -> None:
     (out / "real_model.md").write_text("\n".join(text) + "\n")
     (out / "real_model.json").write_text(json.dumps(results, indent=1))
     main_results = {f: {n: r for n, r in c.items() if n in CONTENDERS} for f, c in results.items()}
-    plot(main_results, key, out / "real_model.png", list(families))
+    plot(main_results, key, out / "real_model.png", list(results))
 
 
 if __name__ == "__main__":
