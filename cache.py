@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from errors import UsageError
 
 
@@ -62,17 +64,22 @@ def filled_once(entry: Path, build: Callable[[Path], None], what: str) -> Path:
                 os.replace(tmp / "entry", entry)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except OSError as e:
+        except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap ENOSPC
             raise cache_error(entry, what, e) from e
     print(f"built {what} into {entry} (once; later runs reuse it)", file=sys.stderr)
     return entry
 
 
-def cache_error(entry: Path, what: str, e: OSError) -> UsageError:
+def cache_error(entry: Path, what: str, e: Exception) -> UsageError:
     """One line for a cache that cannot be written: read-only, full, or not a folder."""
     in_the_way = "a file is in the way of a folder"
     reasons = {errno.ENOSPC: "the disk is full", errno.EEXIST: in_the_way, errno.ENOTDIR: in_the_way}
-    reason = reasons.get(e.errno, e.strerror or type(e).__name__)
+    full = "No space left" in str(e)  # safetensors and torch.save report ENOSPC in their message
+    reason = (
+        "the disk is full"
+        if full
+        else reasons.get(getattr(e, "errno", None), str(e)[:120] or type(e).__name__)
+    )
     return UsageError(
         f"cannot write {what} into the cache {entry.parent}: {reason}. Free some space, or point "
         "--cache-dir (or $SDPG_CACHE) at a writable folder; nothing half-written is left there"

@@ -17,7 +17,6 @@ from data import CONTEXT_TEMPLATES, INSTRUCTIONS
 from errors import UsageError
 from losses import AGG_MODES, DEFAULT_CHUNK, DIVERGENCES, KL_CLAMP, KL_MODES, LossSettings
 from policy import SHORT_NAMES, check_four_bit
-from teacher_context import ContextSettings
 from tiny_model import WARM_START_STEPS
 from trackers import parse_report_to
 from verifier import answer_format
@@ -195,6 +194,17 @@ def config(args: argparse.Namespace) -> Config:
     return Config(**{f.name: getattr(args, f.name) for f in fields(Config)})
 
 
+@dataclass(frozen=True)
+class ContextSettings:
+    """What settling the privileged context reads (`context_settings` builds it)."""
+
+    template: str  # text with {answer}, or "auto"
+    candidates: tuple[str, ...]  # --context-candidates, for auto
+    check_size: int  # training questions checked (0: none)
+    seed: int  # fixes which training questions
+    max_prompt_length: int  # prompts that no longer fit after the rewrite are dropped
+
+
 def context_settings(args: argparse.Namespace) -> ContextSettings:
     """What teacher_context.settle reads, from resolved flags."""
     return ContextSettings(
@@ -330,16 +340,16 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o(
         "--distill-divergence",
         choices=DIVERGENCES,
-        default="reverse",
-        help="the distillation term D(p, SG[q]): reverse KL(p || q) (the paper's), forward KL(q || p), or "
-        "the generalized JSD (see --jsd-lambda)",
+        default=None,
+        help="the distillation term D(p, SG[q]): reverse KL(p || q), forward KL(q || p), or the generalized "
+        "JSD (see --jsd-lambda) (default: reverse, the paper's)",
     )
     o(
         "--jsd-lambda",
         type=float,
-        default=0.5,
+        default=None,
         help="jsd: lam KL(q || m) + (1 - lam) KL(p || m), m = (1 - lam) p + lam q (TRL's GKD beta): "
-        "toward forward KL as lam -> 0, reverse as lam -> 1",
+        "toward forward KL as lam -> 0, reverse as lam -> 1 (default: 0.5)",
     )
     o(
         "--entropy-coef",
@@ -359,9 +369,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o(
         "--opsd-teacher-temperature",
         type=float,
-        default=1.0,
-        help="opsd: the temperature of the teacher's log-probs (their key of the same name; their boxed "
-        "script 1.0, another 0.5). RLSD's teacher reads at --temperature, as their worker overwrites it",
+        default=None,
+        help="opsd: the temperature of the teacher's log-probs (default: 1.0; their key of the same name; "
+        "their boxed script 1.0, another 0.5). RLSD's teacher reads at --temperature, as their worker "
+        "overwrites it",
     )
     o("--eps-low", type=float, default=0.2, help="PPO clip below 1")
     o("--eps-high", type=float, default=0.28, help="PPO clip above 1 (DAPO clip-higher)")
@@ -501,6 +512,17 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.alpha = 0.0 if args.alpha is None else args.alpha
     if args.teacher is None:
         args.teacher = "initial" if args.algo == "opsd" else "live"
+    given = {
+        k
+        for k in ("distill_divergence", "jsd_lambda", "opsd_teacher_temperature")
+        if getattr(args, k) is not None
+    }
+    refuse_unused(args, given)
+    args.distill_divergence = args.distill_divergence or "reverse"
+    args.jsd_lambda = 0.5 if args.jsd_lambda is None else args.jsd_lambda
+    args.opsd_teacher_temperature = (
+        1.0 if args.opsd_teacher_temperature is None else args.opsd_teacher_temperature
+    )
     if args.entropy_coef is None:
         args.entropy_coef = OPSD_ENTROPY_COEF if args.algo == "opsd" else 0.0
     preset = PRESETS[preset_name(args.model)]
@@ -515,6 +537,18 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.instruction = INSTRUCTIONS.get(args.instruction, args.instruction)
     check(args)
     return args
+
+
+def refuse_unused(args: argparse.Namespace, given: set[str]) -> None:
+    """A flag given for something this run does not do is bad input, not silently ignored."""
+    if "distill_divergence" in given and args.algo in ("grpo", "opsd", "rlsd"):
+        raise UsageError(
+            f"--algo {args.algo} has no full-vocabulary distillation term: drop --distill-divergence"
+        )
+    if "jsd_lambda" in given and args.distill_divergence != "jsd":
+        raise UsageError("--jsd-lambda weighs the JSD: add --distill-divergence jsd, or drop it")
+    if "opsd_teacher_temperature" in given and args.algo != "opsd":
+        raise UsageError("--opsd-teacher-temperature is for --algo opsd: drop it")
 
 
 def preset_name(model: str) -> str:
@@ -550,10 +584,6 @@ def check(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--jsd-lambda must be in (0, 1), got {args.jsd_lambda}: its ends are --distill-divergence "
             "forward (0) and reverse (1)"
-        )
-    if args.distill_divergence != "reverse" and args.algo in ("grpo", "opsd", "rlsd"):
-        raise UsageError(
-            f"--algo {args.algo} has no full-vocabulary distillation term: drop --distill-divergence"
         )
     if not 0 <= args.teacher_ema_decay < 1:
         raise UsageError(f"--teacher-ema-decay must be in [0, 1), got {args.teacher_ema_decay}")

@@ -430,12 +430,14 @@ def load_splits(
 
 
 def drop_long_prompts(examples: list[Example], tokenizer, max_length: int, name: str) -> list[Example]:
-    """The examples whose longer view fits max_length tokens; the others are counted on stderr."""
-    kept = [
-        e
-        for e in examples
-        if max(len(encode(tokenizer, t)) for t in prompt_texts(tokenizer, e)) <= max_length
-    ]
+    """The examples whose longest view (the contrastive teacher's too, when it has a wrong
+    answer) fits max_length tokens; the others are counted on stderr."""
+
+    def views_of(e: Example) -> tuple[str, ...]:  # the contrastive teacher's prompt too
+        texts = prompt_texts(tokenizer, e)
+        return texts if e.wrong_answer is None else (*texts, prompt_texts(tokenizer, contrast_example(e))[1])
+
+    kept = [e for e in examples if max(len(encode(tokenizer, t)) for t in views_of(e)) <= max_length]
     if len(kept) < len(examples):
         print(
             f"{name}: dropped {len(examples) - len(kept)} of {len(examples)} examples whose prompt is "

@@ -219,6 +219,7 @@ def divergence_from_logits(
 
 
 def check_divergence(divergence: str, jsd_lambda: float) -> None:
+    """ValueError for an unknown divergence, or a JSD lambda outside (0, 1)."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}: choose one of {', '.join(DIVERGENCES)}")
     if divergence == "jsd" and not 0.0 < jsd_lambda < 1.0:
@@ -291,10 +292,10 @@ def _divergence_chunk(
     out = torch.empty(p.shape[0], dtype=p.dtype, device=p.device) if value is None else value
     for s in range(0, p.shape[0], JSD_ROWS):  # [r, V] blocks: the temporaries stay small
         lq, lp, pb = log_q[s : s + JSD_ROWS], log_p[s : s + JSD_ROWS], p[s : s + JSD_ROWS]
-        log_m = torch.add(lq, math.log(lam))
+        log_m = torch.add(lq, math.log(lam))  # [r, V]
         torch.logaddexp(log_m, lp + math.log1p(-lam), out=log_m)  # log((1 - lam) p + lam q)
-        diff = torch.sub(lp, log_m)  # log p - log m
-        kl_p = _rowdot(pb, diff)  # KL(p || m)
+        diff = torch.sub(lp, log_m)  # [r, V] log p - log m
+        kl_p = _rowdot(pb, diff)  # [r] KL(p || m)
         if value is None:
             torch.sub(lq, log_m, out=log_m)  # log q - log m
             out[s : s + JSD_ROWS] = lam * _rowdot(lq.exp(), log_m) + (1.0 - lam) * kl_p
@@ -547,8 +548,8 @@ def policy_loss(
     algo: str, tokens: Tokens, settings: LossSettings, *, beta: float, lam: float, normalizer: float | None
 ) -> tuple[Tensor, dict[str, float]]:
     """Every algorithm's loss from the same inputs: `beta` (SDPG's at this step) and `lam`
-    (RLSD's) follow the step; GRPO is SDPG with beta = alpha = 0, opd is SDPG without the
-    outcome term."""
+    (RLSD's) follow the step; GRPO is SDPG with beta = 0 (and alpha = 0 unless asked for),
+    opd is SDPG without the outcome term."""
     if algo == "opsd":
         return opsd_loss(tokens, settings, normalizer=normalizer)
     if algo == "rlsd":

@@ -30,6 +30,7 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -108,11 +109,12 @@ def save_checkpoint(out_dir: Path, step: int, model, optimizer, settings: dict, 
 def write_error(what: str, out_dir: Path, e: Exception) -> UsageError:
     """One line for a write into the run folder that failed (a full disk, most often)."""
     last = latest_checkpoint(out_dir)
-    kept = f"the newest complete checkpoint, {last}, is intact" if last else "no checkpoint was saved yet"
-    return UsageError(
-        f"could not write the {what} into {out_dir}: {' '.join(str(e).split())[:160]}; {kept}. "
-        "Free some space (or choose another --output-dir), then run again with --resume"
+    then = (
+        f"the newest complete checkpoint, {last}, is intact. Free some space, then run again with --resume"
+        if last
+        else "no checkpoint was saved yet. Free some space (or choose another --output-dir) and start again"
     )
+    return UsageError(f"could not write the {what} into {out_dir}: {' '.join(str(e).split())[:160]}; {then}")
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -124,11 +126,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def check_compatible(path: Path, settings: dict) -> dict:
     """The checkpoint's state; UsageError if it belongs to a different kind of run. A key
     that an older version did not record is not compared (one note says which)."""
-    try:
-        state = json.loads((path / "state.json").read_text())
-        saved = state["args"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise damaged(path, e) from e
+    state = saved_state(path)
+    saved = state["args"]
     unrecorded = [k for k in IDENTITY if k not in saved]
     if unrecorded:
         flags = ", ".join("--" + k.replace("_", "-") for k in unrecorded)
@@ -160,9 +159,21 @@ def damaged(path: Path, e: Exception) -> UsageError:
     return UsageError(f"checkpoint {path} is damaged ({type(e).__name__}): {hint}")
 
 
+def saved_state(path: Path) -> dict:
+    """A checkpoint's state.json ({"step", "args"}); UsageError if it cannot be read."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        missing = {"step", "args"} - set(state)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise damaged(path, e) from e
+    return state
+
+
 def saved_args(path: Path) -> dict:
     """The arguments a checkpoint's run was started with (after `auto` was settled)."""
-    return json.loads((path / "state.json").read_text())["args"]
+    return saved_state(path)["args"]
 
 
 def load_checkpoint(path: Path, model, optimizer, ema=None) -> int:
@@ -218,7 +229,7 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
             "replace it, or choose another --output-dir"
         )
     if resume is not None:
-        step = json.loads((resume / "state.json").read_text())["step"]
+        step = saved_state(resume)["step"]
         if step > settings["steps"]:
             raise UsageError(f"{resume} is at step {step}, past --steps {settings['steps']}: raise --steps")
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
@@ -227,7 +238,7 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
     return out, resume
 
 
-def start_run(out: Path, resume: Path | None, settings: dict):
+def start_run(out: Path, resume: Path | None, settings: dict) -> TextIO:
     """Make the folder and lock it for this process; a fresh run (not a resume) replaces
     the logs and checkpoints of the run it overwrites. Returns the lock: the run holds it
     until it exits, so a second run started on the same folder stops with one line
@@ -328,7 +339,7 @@ class RunLog:
     full disk) is a UsageError that says which checkpoint is intact. `lock` (from
     start_run) is released by close."""
 
-    def __init__(self, out_dir: Path, trackers=None, lock=None):
+    def __init__(self, out_dir: Path, trackers=None, lock: TextIO | None = None):
         self.out_dir, self.trackers, self.lock = out_dir, trackers, lock
 
     def metrics(self, row: dict, plot: bool = False) -> None:

@@ -451,14 +451,14 @@ def run(args) -> int:
     )
     try:
         code = train(policy, optimizer, splits, cfg, verifier, log, settings, start, check)
+        if code == 0 and args.save_merged:
+            print(f"merged model in {merge_run(out_dir)}")
     finally:
-        log.close()
-    if code == 0 and args.save_merged:
-        print(f"merged model in {merge_run(out_dir)}")
+        log.close()  # the folder's lock is held until merging is done
     return code
 
 
-def load(args, cfg: Config, resume_from: Path | None):
+def load(args, cfg: Config, resume_from: Path | None) -> tuple[Policy, tuple, object, dict[str, float]]:
     """(policy, (train, eval) examples, verifier, the teacher check's metrics): data first
     (bad data fails before any model work), then the model, then the privileged context
     (`teacher_context.settle`: chosen and checked on training questions, or, resuming
@@ -477,7 +477,8 @@ def load(args, cfg: Config, resume_from: Path | None):
     if cfg.teacher_contrast:  # each training question's wrong answer, for the contrastive teacher
         splits = (data.with_wrong_answers(splits[0]), splits[1])
     path, tokenizer = load_tokenizer(args)
-    splits = teacher_context.rewrite(splits, provisional, tokenizer, args.max_prompt_length)
+    if args.context_template != "auto":  # the prompts are final: drop long ones before any model work
+        splits = teacher_context.rewrite(splits, provisional, tokenizer, args.max_prompt_length)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     policy = load_policy(args, path, tokenizer, adapter=args.adapter)
@@ -487,8 +488,9 @@ def load(args, cfg: Config, resume_from: Path | None):
     if args.context_template == "auto" and resume_from is not None:
         saved = run_folder.saved_args(resume_from)["context_template"]
     context = cli.context_settings(args)
+    fresh = resume_from is None and not args.eval_only  # the check belongs to a run's step 0
     args.context_template, splits, check = teacher_context.settle(
-        policy, splits, context, cfg, verifier, saved
+        policy, splits, context, cfg, verifier, saved, check=fresh
     )
     return policy, splits, verifier, check  # args.json records the text auto chose
 

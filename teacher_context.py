@@ -28,8 +28,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import data
+from cli import Config, ContextSettings
 from policy import Policy, teacher_role
 from rollout import rollout
+from verifier import Verdict
+
+Splits = tuple[list[data.Example], list[data.Example]]  # (train, eval)
+Verifier = Callable[[str, str], Verdict]
 
 ROWS = 256  # responses per generate call, as in evaluation
 MARGIN = 0.10  # the teacher view must be right on 10 points more questions to count as better
@@ -43,7 +48,7 @@ class ViewStats:
     accuracy: float  # share of questions answered right
     length: float  # mean response length in tokens
     truncated: float  # share cut off at --max-new-tokens
-    questions: list[str]  # which questions were scored (all training questions)
+    questions: list[str]  # which questions were scored (the check sample: training questions only)
 
     def row(self, name: str) -> str:
         return f"  {name:<12} {100 * self.accuracy:7.1f}% {self.length:12.1f} {100 * self.truncated:10.1f}%"
@@ -54,7 +59,9 @@ def check_sample(train: list[data.Example], size: int, seed: int) -> list[data.E
     return random.Random(seed * 7919 + 17).sample(train, min(size, len(train)))
 
 
-def greedy_stats(policy: Policy, examples: list[data.Example], view: str, cfg, verifier) -> ViewStats:
+def greedy_stats(
+    policy: Policy, examples: list[data.Example], view: str, cfg: Config, verifier: Verifier
+) -> ViewStats:
     """Greedy answers of the student view, or of the teacher view read by the run's
     --teacher weights, scored by the verifier."""
     right, lengths, cut = [], [], []
@@ -117,31 +124,27 @@ def metrics(student: ViewStats, teacher: ViewStats) -> dict[str, float]:
     }
 
 
-@dataclass(frozen=True)
-class ContextSettings:
-    """What settling the privileged context reads (cli.context_settings builds it)."""
-
-    template: str  # text with {answer}, or "auto"
-    candidates: tuple[str, ...]  # --context-candidates, for auto
-    check_size: int  # training questions checked (0: none)
-    seed: int  # fixes which training questions
-    max_prompt_length: int  # prompts that no longer fit after the rewrite are dropped
-
-
 def settle(
-    policy: Policy, splits, settings: ContextSettings, cfg, verifier, saved_template: str | None
-) -> tuple[str, tuple, dict[str, float]]:
+    policy: Policy,
+    splits: Splits,
+    settings: ContextSettings,
+    cfg: Config,
+    verifier: Verifier,
+    saved_template: str | None,
+    check: bool = True,
+) -> tuple[str, Splits, dict[str, float]]:
     """The run's privileged context, then the check: (the template text, (train, eval)
-    rewritten with it, the check's metrics for step 0, {} when resuming).
+    rewritten with it, the check's metrics for step 0; {} without a check).
 
     `auto` chooses on training questions; the caller records the chosen text in the run's
     arguments, so a resumed run passes it back as `saved_template` and nothing is
-    chosen or checked again."""
+    chosen again. `check`: False when resuming or only evaluating (not a step 0)."""
     tokenizer, max_length = policy.tokenizer, settings.max_prompt_length
     if saved_template is not None:
         return saved_template, rewrite(splits, saved_template, tokenizer, max_length), {}
     template = settings.template
-    if settings.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
+    no_teacher = settings.check_size == 0 or cfg.algo == "grpo"  # GRPO reads no teacher
+    if no_teacher or (not check and template != "auto"):
         template = data.CONTEXT_TEMPLATE if template == "auto" else template  # eval's teacher column
         return template, rewrite(splits, template, tokenizer, max_length), {}
     sample = check_sample(splits[0], settings.check_size, settings.seed)
@@ -154,6 +157,8 @@ def settle(
         template, teacher = choose(sample, list(settings.candidates), student, score)
     else:
         teacher = score([data.with_context(e, template) for e in sample])
+    if not check:  # auto chose for an evaluation: no step 0 to log a check with
+        return template, rewrite(splits, template, tokenizer, max_length), {}
     print(
         table({"student": student, "teacher": teacher}, f"teacher check on {len(sample)} training questions")
     )
@@ -178,7 +183,7 @@ def choose(
     return candidates[name], stats[name]
 
 
-def rewrite(splits, template: str, tokenizer, max_prompt_length: int):
+def rewrite(splits: Splits, template: str, tokenizer, max_prompt_length: int) -> Splits:
     """(train, eval) with their contexts written from `template`, prompts that no longer
     fit --max-prompt-length dropped (with a count)."""
     return tuple(

@@ -237,6 +237,14 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help="2 steps, 4 held-out prompts, 8 checked, 1 seed: a smoke run"
     )
+    ap.add_argument(
+        "--contenders", nargs="+", choices=[*CONTENDERS, *ABLATION], default=[*CONTENDERS, *ABLATION],
+        help="run only these (the others' finished runs still enter the report)",
+    )
+    ap.add_argument(
+        "--families", nargs="+", choices=["word-problems", "two-step"], default=["word-problems", "two-step"],
+        help="run only these families (the others' finished runs still enter the report)",
+    )
     ap.add_argument("--reuse", action="store_true", help="keep the runs already finished in --work")
     ap.add_argument(
         "--report-only", action="store_true", help="run nothing: the tables and plots of the finished runs"
@@ -260,11 +268,12 @@ def main() -> None:
     for seed, family, name, flags in plan:  # whole seeds of the main comparison first, then the ablation
         folder = work / family / name / f"seed{seed}"
         finished = (folder / "adapter").exists()  # the adapter is written at the end of a run
-        if a.report_only and not finished:
-            continue
-        layout.setdefault(family, {}).setdefault(name, []).append(folder)
-        if not (finished and (a.reuse or a.report_only)):
+        chosen = name in a.contenders and family in a.families and not a.report_only
+        run = chosen and not (finished and a.reuse)
+        if run:
             jobs.append((folder, [*families[family], *flags, *common, "--seed", str(seed)]))
+        if run or finished:
+            layout.setdefault(family, {}).setdefault(name, []).append(folder)
     t0 = time.time()
     run_all(jobs, a.parallel)
     eval_steps = {*range(0, a.steps + 1, a.eval_every), a.steps}
@@ -272,13 +281,14 @@ def main() -> None:
         f: {n: [summary(p, eval_steps) for p in folders] for n, folders in c.items()}
         for f, c in layout.items()
     }
-    key = next(k for k in results["word-problems"]["grpo"][0]["evals"][0] if k.startswith("eval_mean@"))
+    first = next(r for c in results.values() for runs in c.values() for r in runs)
+    key = next(k for k in first["evals"][0] if k.startswith("eval_mean@"))
     text = [f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)", ""]
     for family in results:
         main_runs = {n: r for n, r in results[family].items() if n in CONTENDERS}
         text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
         text += family_table(main_runs, key) + [""] + check_table(main_runs) + [""]
-    ablation = {n: r for n, r in results["word-problems"].items() if n == "sdpg" or n in ABLATION}
+    ablation = {n: r for n, r in results.get("word-problems", {}).items() if n == "sdpg" or n in ABLATION}
     if len(ablation) > 1:
         trimmed = {n: r[: a.ablation_seeds] for n, r in ablation.items()}
         text += ["### divergence ablation (word-problems)", ""] + family_table(trimmed, key)

@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
 import data  # noqa: E402
 from losses import (  # noqa: E402
-    LossSettings,
     Tokens,
     beta_schedule,
     clipped_policy_loss,
@@ -151,8 +150,9 @@ per_token = [round(x, 3) for x in outcome[i].tolist()]
 print(f"outcome per token, row {i}: {per_token} (= -A_{i} = {-advantages[i]:.3f})")
 print(f"clip fraction {float(stats['clipfrac']):.2f}, mean ratio {float(stats['ratio']):.2f}")
 tokens = Tokens(logp, logp.detach(), advantages, mask, kl=kl, ref_logp=ref_logp)
-settings = LossSettings(alpha=cfg.alpha, kl_mode=cfg.kl_mode)
-loss, metrics = policy_loss("sdpg", tokens, settings, beta=beta, lam=0.0, normalizer=None)
+loss, metrics = policy_loss(
+    "sdpg", tokens, cfg.loss, beta=beta, lam=0.0, normalizer=None
+)  # cfg.loss: LossSettings
 print(
     "loss terms (means over tokens):",
     {k: round(metrics[k], 4) for k in ("pg_loss", "kl_distill", "ref_kl", "loss")},

@@ -155,6 +155,14 @@ def test_a_failed_build_leaves_nothing_and_a_read_only_cache_still_serves(tmp_pa
 
     with pytest.raises(UsageError, match="the disk is full.*--cache-dir"):
         filled_once(entry, fail, "a test entry")
+
+    def fail_in_safetensors(folder):  # how save_pretrained reports a full disk
+        from safetensors import SafetensorError
+
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(UsageError, match="the disk is full"):
+        filled_once(entry, fail_in_safetensors, "a test entry")
     assert sorted(p.name for p in entry.parent.iterdir()) == [".thing.lock"]
     filled_once(entry, lambda folder: (folder / "done").touch(), "a test entry")
     os.chmod(entry.parent, 0o555)  # read-only from now on: a finished entry needs no lock

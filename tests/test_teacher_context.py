@@ -47,7 +47,9 @@ def test_the_check_warns_when_the_teacher_is_no_better_or_much_longer():
     assert len(teacher_context.warnings(student, ViewStats(0.90, 20.0, 0.30, []))) == 1  # cut off more
 
 
-def test_auto_takes_the_stub_scorers_first_phrasing_and_reads_only_training_questions(tiny_path, monkeypatch):
+def test_auto_takes_the_most_accurate_phrasing_ties_to_shorter_and_reads_only_training_questions(
+    tiny_path, monkeypatch
+):
     args = small_args(tiny_path, "--context-template", "auto", "--context-candidates", "Psst: {answer}.")
     train, evals = data.load_splits("arithmetic", None, args.eval_size, instruction=args.instruction)
     scored = []
@@ -142,9 +144,10 @@ def test_contrast_teacher_is_the_tilted_distribution_in_float64():
     hs, hr, hw = (torch.randn(3, 5, 4, generator=g, dtype=D) for _ in range(3))
     w, b = torch.randn(11, 4, generator=g, dtype=D), torch.randn(11, generator=g, dtype=D)
     h = hs.clone().requires_grad_()
-    tilted = contrast_hidden(h, hr, hw)
-    assert not tilted.requires_grad and tilted.dtype == torch.float32
-    tilted = (hs + hr - hw).detach()  # the same sum, kept in float64 for the comparison
+    tilted32 = contrast_hidden(h, hr, hw)
+    assert not tilted32.requires_grad and tilted32.dtype == torch.float32
+    torch.testing.assert_close(tilted32, (hs + hr - hw).float())  # student + right - wrong, in that order
+    tilted = (hs + hr - hw).detach()  # the same sum, kept in float64 for the comparison below
     _, kl, _ = chunked_head(h.view(-1, 4), w, torch.zeros(15, dtype=torch.long), tilted.view(-1, 4), b, 0.7)
     kl.sum().backward()
     h2 = hs.clone().requires_grad_()

@@ -249,9 +249,12 @@ def test_every_name_in_the_paper_to_code_map_exists():
     assert len(rows) >= 15
     functions = tests = 0
     for row in rows:
-        for name in re.findall(r"`([a-z_]+\.[A-Za-z_]+)`", row):
-            module, attr = name.split(".")
-            assert hasattr(importlib.import_module(module), attr), name
+        for name in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", row):  # module.function, module.Class.field
+            module, *attrs = name.split(".")
+            obj = importlib.import_module(module)
+            for attr in attrs:
+                assert hasattr(obj, attr), name
+                obj = getattr(obj, attr)
             functions += 1
         for path, test in re.findall(r"`(tests/\w+\.py)::(\w+)`", row):
             assert f"def {test}(" in (ROOT / path).read_text(), (path, test)

@@ -170,6 +170,7 @@ def test_gradient_equals_independent_full_logits_loss(
     beta_flags = ["--beta", str(beta)] if beta else []
     contrast = divergence == "contrast"
     divergence_flags = ["--teacher-contrast"] if contrast else ["--distill-divergence", divergence]
+    divergence_flags = [] if algo == "grpo" else divergence_flags  # GRPO has no distillation term
     flags = ["--alpha", str(alpha), "--teacher", teacher, *divergence_flags, *beta_flags]
     args = make_args(tiny_path, "--algo", algo, *flags)
     policy = load_small_policy(args)
@@ -604,7 +605,8 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
     --opsd-teacher-temperature; RLSD's the policy at the start of the step reading it, at
     the sampling temperature: where the authors' code ends up (their worker overwrites the
     trainer's 1.0 with the rollout temperature for RLSD, not for OPSD's reference)."""
-    args = make_args(tiny_path, "--algo", algo, "--temperature", "0.7", "--opsd-teacher-temperature", "0.5")
+    opsd_flags = ["--opsd-teacher-temperature", "0.5"] if algo == "opsd" else []
+    args = make_args(tiny_path, "--algo", algo, "--temperature", "0.7", *opsd_flags)
     policy = load_small_policy(args)
     model = policy.model
     spread_lora_b(model)

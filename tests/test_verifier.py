@@ -191,6 +191,7 @@ def test_the_format_asked_for_is_read_first_and_the_rest_keep_their_order():
         ("3", "####"),
         ("5", "answer is"),
     ]
+    assert extract_answer("#### 3 then \\boxed{4}", prefer="answer is") == ("4", "boxed")  # the rest in order
     assert extract_answer("no stated answer, 7 apples", prefer="answer is") == ("7", "last number")
     assert [
         answer_format(t) for t in ("Put it in \\boxed{}.", "End with: The answer is <n>.", "#### n", "Hi.")
