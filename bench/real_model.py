@@ -238,11 +238,17 @@ def main() -> None:
         "--quick", action="store_true", help="2 steps, 4 held-out prompts, 8 checked, 1 seed: a smoke run"
     )
     ap.add_argument(
-        "--contenders", nargs="+", choices=[*CONTENDERS, *ABLATION], default=[*CONTENDERS, *ABLATION],
+        "--contenders",
+        nargs="+",
+        choices=[*CONTENDERS, *ABLATION],
+        default=[*CONTENDERS, *ABLATION],
         help="run only these (the others' finished runs still enter the report)",
     )
     ap.add_argument(
-        "--families", nargs="+", choices=["word-problems", "two-step"], default=["word-problems", "two-step"],
+        "--families",
+        nargs="+",
+        choices=["word-problems", "two-step"],
+        default=["word-problems", "two-step"],
         help="run only these families (the others' finished runs still enter the report)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep the runs already finished in --work")
