@@ -220,6 +220,8 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
     `start_run` does that once the data and the model have loaded.
     """
     out = Path(settings["output_dir"])
+    if held_by_another_run(out):
+        raise UsageError(BUSY.format(out=out))
     missing = f"--resume: no checkpoint in {out}/checkpoints. Run without --resume to start."
     ckpt, resume = checkpoint_to_resume(out, settings, missing)
     holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
@@ -238,6 +240,22 @@ def check_run(settings: dict) -> tuple[Path, Path | None]:
     return out, resume
 
 
+BUSY = "another run is writing to {out} right now: wait for it to end, or choose another --output-dir"
+
+
+def held_by_another_run(out: Path) -> bool:
+    """Whether a live run holds `out`'s lock (`start_run`): asked before any loading, so a
+    second run on a busy folder stops at once, not after the model has loaded."""
+    try:
+        with (out / ".lock").open() as probe:
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (or unreadable): nothing is running there
+        return False
+    return False
+
+
 def start_run(out: Path, resume: Path | None, settings: dict) -> TextIO:
     """Make the folder and lock it for this process; a fresh run (not a resume) replaces
     the logs and checkpoints of the run it overwrites. Returns the lock: the run holds it
@@ -252,9 +270,7 @@ def start_run(out: Path, resume: Path | None, settings: dict) -> TextIO:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as e:
         lock.close()
-        raise UsageError(
-            f"another run is writing to {out} right now: wait for it to end, or choose another --output-dir"
-        ) from e
+        raise UsageError(BUSY.format(out=out)) from e
     try:
         (out / "args.json").write_text(json.dumps(settings, indent=1))
     except OSError as e:

@@ -445,7 +445,17 @@ def test_a_second_run_on_the_same_folder_stops_while_the_first_holds_it(tmp_path
     with pytest.raises(UsageError, match="another run is writing to .* right now"):
         run_folder.start_run(out, None, {"x": 2})
     assert (out / "metrics.jsonl").exists() and json.loads((out / "args.json").read_text()) == {"x": 1}
+    for flags in ([], ["--resume"], ["--overwrite-output-dir"]):  # refused before any loading
+        settings = {
+            "output_dir": str(out),
+            "resume": "yes" if flags else "no",
+            "steps": 5,
+            **{"overwrite_output_dir": "--overwrite-output-dir" in flags},
+        }
+        with pytest.raises(UsageError, match="another run is writing to .* right now"):
+            run_folder.check_run(settings)
     lock.close()
+    assert not run_folder.held_by_another_run(out)
     run_folder.start_run(out, None, {"x": 3}).close()  # free again once the first has exited
 
 
