@@ -324,7 +324,8 @@ def main() -> None:
     ablation = {n: r for n, r in results.get("word-problems", {}).items() if n == "sdpg" or n in ABLATION}
     if len(ablation) > 1:
         trimmed = {n: r[: a.ablation_seeds] for n, r in ablation.items()}
-        text += ["### divergence ablation (word-problems)", ""] + family_table(trimmed, key)
+        text += ["### divergence ablation (word-problems)", ""] + family_table(trimmed, key) + [""]
+        text += paired_table(trimmed, key, baseline="sdpg")
         plot({"word-problems": trimmed}, key, out / "divergences.png", ["word-problems"])
     print("\n".join(text))
     (out / "real_model.md").write_text("\n".join(text) + "\n")
