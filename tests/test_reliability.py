@@ -237,8 +237,8 @@ def test_smollm2_without_its_wheel_or_the_hub_names_the_pip_command(tmp_path):
 
 
 def test_bad_data_fails_before_any_model_work(tmp_path):
-    """A first run with a missing data file does not build the tiny model first."""
-    t0 = time.time()
+    """A first run with a missing data file does not build the tiny model first: no cache
+    entry appears (a structural check; a wall-clock bound failed under load)."""
     line = one_line_error(
         cli(
             "--data",
@@ -249,7 +249,7 @@ def test_bad_data_fails_before_any_model_work(tmp_path):
             tmp_path / "o",
         )
     )
-    assert "dataset file not found" in line and time.time() - t0 < 30
+    assert "dataset file not found" in line
     assert not (tmp_path / "cache").exists()
 
 
