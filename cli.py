@@ -512,12 +512,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.alpha = 0.0 if args.alpha is None else args.alpha
     if args.teacher is None:
         args.teacher = "initial" if args.algo == "opsd" else "live"
-    given = {
-        k
-        for k in ("distill_divergence", "jsd_lambda", "opsd_teacher_temperature")
-        if getattr(args, k) is not None
-    }
-    refuse_unused(args, given)
+    refuse_unused(args)  # before the defaults below fill in what was not given
     args.distill_divergence = args.distill_divergence or "reverse"
     args.jsd_lambda = 0.5 if args.jsd_lambda is None else args.jsd_lambda
     args.opsd_teacher_temperature = (
@@ -539,15 +534,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def refuse_unused(args: argparse.Namespace, given: set[str]) -> None:
-    """A flag given for something this run does not do is bad input, not silently ignored."""
-    if "distill_divergence" in given and args.algo in ("grpo", "opsd", "rlsd"):
+def refuse_unused(args: argparse.Namespace) -> None:
+    """A flag given for something this run does not do is bad input, not silently ignored
+    (None: not given)."""
+    if args.distill_divergence is not None and args.algo in ("grpo", "opsd", "rlsd"):
         raise UsageError(
             f"--algo {args.algo} has no full-vocabulary distillation term: drop --distill-divergence"
         )
-    if "jsd_lambda" in given and args.distill_divergence != "jsd":
+    if args.jsd_lambda is not None and args.distill_divergence != "jsd":
         raise UsageError("--jsd-lambda weighs the JSD: add --distill-divergence jsd, or drop it")
-    if "opsd_teacher_temperature" in given and args.algo != "opsd":
+    if args.opsd_teacher_temperature is not None and args.algo != "opsd":
         raise UsageError("--opsd-teacher-temperature is for --algo opsd: drop it")
 
 

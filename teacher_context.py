@@ -139,32 +139,46 @@ def settle(
     `auto` chooses on training questions; the caller records the chosen text in the run's
     arguments, so a resumed run passes it back as `saved_template` and nothing is
     chosen again. `check`: False when resuming or only evaluating (not a step 0)."""
-    tokenizer, max_length = policy.tokenizer, settings.max_prompt_length
+    template, check_metrics = settings.template, {}
     if saved_template is not None:
-        return saved_template, rewrite(splits, saved_template, tokenizer, max_length), {}
-    template = settings.template
-    no_teacher = settings.check_size == 0 or cfg.algo == "grpo"  # GRPO reads no teacher
-    if no_teacher or (not check and template != "auto"):
+        template = saved_template
+    elif settings.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
         template = data.CONTEXT_TEMPLATE if template == "auto" else template  # eval's teacher column
-        return template, rewrite(splits, template, tokenizer, max_length), {}
-    sample = check_sample(splits[0], settings.check_size, settings.seed)
+    elif check or template == "auto":  # auto chooses even for an evaluation, but logs no check
+        template, check_metrics = checked(policy, splits[0], settings, cfg, verifier, report=check)
+    return template, rewrite(splits, template, policy.tokenizer, settings.max_prompt_length), check_metrics
+
+
+def checked(
+    policy: Policy,
+    train: list[data.Example],
+    settings: ContextSettings,
+    cfg: Config,
+    verifier: Verifier,
+    *,
+    report: bool,
+) -> tuple[str, dict[str, float]]:
+    """(the template, chosen first when `auto`; the check's metrics, {} unless `report`):
+    both views answer the check sample greedily; `report` prints the table and warnings."""
+    sample = check_sample(train, settings.check_size, settings.seed)
 
     def score(examples: list[data.Example], view: str = "teacher") -> ViewStats:
         return greedy_stats(policy, examples, view, cfg, verifier)
 
     student = score(sample, "student")
+    template = settings.template
     if template == "auto":
         template, teacher = choose(sample, list(settings.candidates), student, score)
     else:
         teacher = score([data.with_context(e, template) for e in sample])
-    if not check:  # auto chose for an evaluation: no step 0 to log a check with
-        return template, rewrite(splits, template, tokenizer, max_length), {}
+    if not report:
+        return template, {}
     print(
         table({"student": student, "teacher": teacher}, f"teacher check on {len(sample)} training questions")
     )
     for line in warnings(student, teacher):
         print(line, file=sys.stderr)
-    return template, rewrite(splits, template, tokenizer, max_length), metrics(student, teacher)
+    return template, metrics(student, teacher)
 
 
 def choose(
