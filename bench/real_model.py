@@ -313,6 +313,8 @@ def main() -> None:
         f: {n: [summary(p, eval_steps) for p in folders] for n, folders in c.items()}
         for f, c in layout.items()
     }
+    if not results:
+        sys.exit(f"no finished runs in {work}: run without --report-only first")
     first = next(r for c in results.values() for runs in c.values() for r in runs)
     key = next(k for k in first["evals"][0] if k.startswith("eval_mean@"))
     text = [f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)", ""]
