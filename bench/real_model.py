@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct (a GGUF file from PyPI) on two task families, several seed
 Families (held-out questions are never trained on):
   word-problems  the built-in one-step additions (`--data word-problems`)
   two-step       written here as question files, a second surface a user might bring:
-                 "Mia has 45 stickers. She gives 12 to Sam and then buys 9 more. How many
-                 stickers does Mia have now?"; run as `--data train.jsonl --eval-data
+                 "Lily has 28 cards. Lily gives 8 to Mia and then buys 3 more. How many
+                 cards does Lily have now?"; run as `--data train.jsonl --eval-data
                  eval.jsonl` with no other prompt flag
 
 Contenders, the small preset otherwise (every phrasing is chosen on training questions):
