@@ -318,10 +318,9 @@ def main() -> None:
     first = next(r for c in results.values() for runs in c.values() for r in runs)
     key = next(k for k in first["evals"][0] if k.startswith("eval_mean@"))
     text = [f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)", ""]
-    for family in results:
-        main_runs = {n: r for n, r in results[family].items() if n in CONTENDERS}
-        if not main_runs:  # only ablation runs so far
-            continue
+    main_results = {f: {n: r for n, r in c.items() if n in CONTENDERS} for f, c in results.items()}
+    main_results = {f: c for f, c in main_results.items() if c}  # a family may hold only ablation runs
+    for family, main_runs in main_results.items():
         text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
         text += family_table(main_runs, key) + [""] + paired_table(main_runs, key) + [""]
         text += check_table(main_runs) + [""]
@@ -334,8 +333,6 @@ def main() -> None:
     print("\n".join(text))
     (out / "real_model.md").write_text("\n".join(text) + "\n")
     (out / "real_model.json").write_text(json.dumps(results, indent=1))
-    main_results = {f: {n: r for n, r in c.items() if n in CONTENDERS} for f, c in results.items()}
-    main_results = {f: c for f, c in main_results.items() if c}
     if main_results:
         plot(main_results, key, out / "real_model.png", list(main_results))
 
