@@ -44,6 +44,7 @@ import random
 import sys
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,6 +191,24 @@ def arithmetic_question(rng: random.Random) -> tuple[str, str]:
     return f"{name} has {a} {item} and gets {b} more. How many {item} now?", str(a + b)
 
 
+def generated_pairs(
+    question: Callable[[random.Random], tuple[str, str]], n: int, split: str, seed: int
+) -> list[tuple[str, str]]:
+    """n (question, answer) pairs from a generator: 'test' is fixed (its own seed); 'train'
+    follows `seed` and never repeats one of the first 500 test questions."""
+    if split == "test":
+        rng = random.Random(HELD_OUT_SEED)
+        return [question(rng) for _ in range(n)]
+    test = random.Random(HELD_OUT_SEED)
+    held_out = {question(test)[0] for _ in range(500)}
+    rng, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        q, a = question(rng)
+        if q not in held_out:
+            pairs.append((q, a))
+    return pairs
+
+
 def arithmetic_split(
     n: int,
     split: str,
@@ -197,21 +216,10 @@ def arithmetic_split(
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str | None = None,
 ) -> list[Example]:
-    """n examples: 'test' is fixed (its own seed); 'train' follows `seed` and never
-    repeats a test question. instruction None: ours, the \\boxed one."""
-    if split == "test":
-        rng = random.Random(HELD_OUT_SEED)
-        pairs = [arithmetic_question(rng) for _ in range(n)]
-    else:
-        held_out = {e.question for e in arithmetic_split(500, "test")}
-        rng, pairs = random.Random(seed), []
-        while len(pairs) < n:
-            q, a = arithmetic_question(rng)
-            if q not in held_out:
-                pairs.append((q, a))
+    """n one-digit addition examples (generated_pairs). instruction None: ours, the \\boxed one."""
     return [
         templated_example(q, a, context_template, INSTRUCTION if instruction is None else instruction)
-        for q, a in pairs
+        for q, a in generated_pairs(arithmetic_question, n, split, seed)
     ]
 
 
@@ -245,22 +253,11 @@ def word_problem_split(
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str | None = None,
 ) -> list[Example]:
-    """Like arithmetic_split: a fixed held-out split, and training questions never in it.
+    """n word-problem examples (generated_pairs).
     instruction None: "... end your response with: The answer is <number>." """
-    if split == "test":
-        rng = random.Random(HELD_OUT_SEED)
-        pairs = [word_question(rng) for _ in range(n)]
-    else:
-        test = random.Random(HELD_OUT_SEED)
-        held_out = {word_question(test)[0] for _ in range(500)}
-        rng, pairs = random.Random(seed), []
-        while len(pairs) < n:
-            q, a = word_question(rng)
-            if q not in held_out:
-                pairs.append((q, a))
     return [
         templated_example(q, a, context_template, WORD_INSTRUCTION if instruction is None else instruction)
-        for q, a in pairs
+        for q, a in generated_pairs(word_question, n, split, seed)
     ]
 
 

@@ -192,6 +192,18 @@ def test_arithmetic_split_is_fixed_and_disjoint():
         assert int(e.answer) == a + b and 1 <= a <= 9 and 1 <= b <= 9
 
 
+
+def test_word_problem_split_is_fixed_disjoint_and_right():
+    test = data.word_problem_split(500, "test")
+    assert [e.question for e in test[:100]] == [e.question for e in data.word_problem_split(100, "test")]
+    train = data.word_problem_split(1000, "train", seed=3)
+    assert not {e.question for e in train} & {e.question for e in test}
+    assert [e.question for e in train] != [e.question for e in data.word_problem_split(1000, "train", seed=4)]
+    for e in train[:50]:
+        a, b = [int(t) for t in e.question.split() if t.isdigit()]
+        assert int(e.answer) == a + b and e.question.endswith("have now?")
+    assert data.WORD_INSTRUCTION in train[0].messages[0]["content"]
+
 def test_warm_start_rows_teach_one_misconception_per_fact(tiny):
     _, tok = tiny
     examples = arithmetic_split(2000, "train", seed=5)
