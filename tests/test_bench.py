@@ -45,3 +45,29 @@ def test_step_bench_gives_trl_the_prompt_and_context_ours_uses(tiny):
         student, teacher = (render(tokenizer, m) for m in views(e.messages))
         assert row["prompt"] == student and row["answer"] == e.answer
         assert row["privileged_context"] not in row["prompt"] and row["privileged_context"] in teacher
+
+
+@pytest.mark.parametrize("family", ["two_step", "multiply"])
+def test_real_model_families_are_fixed_right_and_never_train_on_held_out_rows(tmp_path, family):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import real_model
+
+    question = getattr(real_model, f"{family}_question")
+    flags = real_model.write_family(tmp_path / "a", question, eval_size=24)
+    assert flags == [
+        "--data",
+        str(tmp_path / "a" / "train.jsonl"),
+        "--eval-data",
+        str(tmp_path / "a" / "eval.jsonl"),
+    ]
+    real_model.write_family(tmp_path / "b", question, eval_size=24)
+    rows = {}
+    for split in ("train", "eval"):
+        text = (tmp_path / "a" / f"{split}.jsonl").read_text()
+        assert text == (tmp_path / "b" / f"{split}.jsonl").read_text()  # fixed seeds: same files
+        rows[split] = [json.loads(line) for line in text.splitlines()]
+    assert len(rows["train"]) == 400 and 20 <= len(rows["eval"]) <= 24
+    assert not {r["question"] for r in rows["train"]} & {r["question"] for r in rows["eval"]}
+    for r in rows["train"][:50] + rows["eval"]:
+        a, b, *c = [int(t) for t in r["question"].replace(".", " ").split() if t.isdigit()]
+        assert int(r["answer"]) == (a - b + c[0] if family == "two_step" else a * b)
