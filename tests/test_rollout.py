@@ -192,7 +192,6 @@ def test_arithmetic_split_is_fixed_and_disjoint():
         assert int(e.answer) == a + b and 1 <= a <= 9 and 1 <= b <= 9
 
 
-
 def test_word_problem_split_is_fixed_disjoint_and_right():
     test = data.word_problem_split(500, "test")
     assert [e.question for e in test[:100]] == [e.question for e in data.word_problem_split(100, "test")]
@@ -203,6 +202,7 @@ def test_word_problem_split_is_fixed_disjoint_and_right():
         a, b = [int(t) for t in e.question.split() if t.isdigit()]
         assert int(e.answer) == a + b and e.question.endswith("have now?")
     assert data.WORD_INSTRUCTION in train[0].messages[0]["content"]
+
 
 def test_warm_start_rows_teach_one_misconception_per_fact(tiny):
     _, tok = tiny
