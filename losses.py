@@ -20,8 +20,9 @@ Qwen's V = 151,936 one such float32 tensor is 1.2 GB for 2,048 tokens. The same 
 offers two other divergences in the KL's place (`--distill-divergence`): the forward
 KL(SG[q_t] || p_t) and the generalized Jensen-Shannon divergence.
 
-Every algorithm's loss (`sdpg_loss`, and the paper's baselines `opsd_loss`,
-`rlsd_loss`) reads the same `Tokens` and `LossSettings`; `policy_loss` picks one.
+`sdpg_loss` reads one micro-batch's `Tokens` and the run's configuration (config.Config:
+alpha, kl_mode, the clip ranges, ...); the paper's baselines have their own losses, in
+baselines.py.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ KL_MODES = ("fkl", "rkl", "ufkl", "urkl")
 LOG_RATIO_CLAMP = 20.0
 KL_CLAMP = 20.0
 # Tokens per chunk of the LM head pass. At Qwen's V = 151,936 a chunk holds at most three
-# [256, V] float32 tensors (~470 MB); bench/kl_bench.py measured this as under 10% of the
-# naive path's peak and no slower (README, "Benchmarks").
+# [256, V] float32 tensors (~470 MB); bench/kl_bench.json: 11.0% of the naive path's peak.
 DEFAULT_CHUNK = 256
 AGG_MODES = ("token-mean", "seq-mean-token-mean")
 
@@ -499,7 +499,7 @@ def chunked_kl(
     )[1]
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
+def aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
     """Masked mean of a [B, T] loss: over all tokens, or per sequence then over rows.
 
     normalizer replaces this call's own count (tokens, or rows for seq-mean) so that
@@ -515,25 +515,10 @@ def _aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | No
     raise ValueError(f"unknown loss aggregation {agg!r}: choose one of {', '.join(AGG_MODES)}")
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The objective's fixed knobs, the same for every algorithm (cli.Config.loss)."""
-
-    alpha: float = 0.0  # anchor weight
-    kl_mode: str = "urkl"  # anchor f(log w)
-    positive_adv_only: bool = False  # distil only responses with A > 0
-    kl_clamp: float | None = KL_CLAMP  # per-token distillation divergence cap (None: off)
-    eps_low: float = 0.2  # PPO clip below 1
-    eps_high: float = 0.28  # PPO clip above 1
-    clip_c: float = 10.0  # dual clip for A < 0
-    agg: str = "token-mean"  # or seq-mean-token-mean
-    rlsd_eps_w: float = 0.2  # RLSD: the teacher weight is clipped to 1 +- this
-
-
 @dataclass
 class Tokens:
-    """What every algorithm's loss reads about one (micro-)batch of B responses of T
-    tokens: [B, T] unless noted; None where the algorithm needs no such input."""
+    """What the loss reads about one (micro-)batch of B responses of T tokens: [B, T]
+    unless noted; None where the run has no such term."""
 
     logp: Tensor  # log pi_theta(y_t | x, y<t), with gradient
     old_logp: Tensor  # log pi_old(y_t): the PPO ratio's base, no gradient
@@ -541,55 +526,35 @@ class Tokens:
     mask: Tensor  # 1 on response tokens, 0 on padding
     kl: Tensor | None = None  # D(p_t, SG[q_t]) per token: SDPG's distillation term
     ref_logp: Tensor | None = None  # log pi_ref(y_t): the anchor
-    teacher_logp: Tensor | None = None  # log pi_T(y_t | c, x, y<t): OPSD's and RLSD's teacher
 
 
-def policy_loss(
-    algo: str, tokens: Tokens, settings: LossSettings, *, beta: float, lam: float, normalizer: float | None
-) -> tuple[Tensor, dict[str, float]]:
-    """Every algorithm's loss from the same inputs: `beta` (SDPG's at this step) and `lam`
-    (RLSD's) follow the step; GRPO is SDPG with beta = 0 (and alpha = 0 unless asked for),
-    opd is SDPG without the outcome term."""
-    if algo == "opsd":
-        return opsd_loss(tokens, settings, normalizer=normalizer)
-    if algo == "rlsd":
-        return rlsd_loss(tokens, settings, lam=lam, normalizer=normalizer)
-    outcome_weight = 0.0 if algo == "opd" else 1.0
-    return sdpg_loss(tokens, settings, beta=beta, outcome_weight=outcome_weight, normalizer=normalizer)
-
-
-def loss_normalizer(algo: str, mask: Tensor, advantages: Tensor, agg: str) -> float:
-    """What a (mini-)batch's summed loss is divided by: its tokens (token-mean), its rows
-    (seq-mean-token-mean), or for OPSD the tokens of responses with A > 0. Passing the
-    whole mini-batch's count to each micro-batch makes gradient accumulation exact."""
-    if algo == "opsd":
-        return max(1.0, float((mask * (advantages > 0)[:, None]).sum()))
+def loss_normalizer(mask: Tensor, agg: str) -> float:
+    """What a (mini-)batch's summed loss is divided by: its tokens (token-mean) or its rows
+    (seq-mean-token-mean). Passing the whole mini-batch's count to each micro-batch makes
+    gradient accumulation exact."""
     return float(mask.sum()) if agg == "token-mean" else float(mask.shape[0])
 
 
 def sdpg_loss(
-    tokens: Tokens,
-    settings: LossSettings = LossSettings(),
-    *,
-    beta: float = 0.0,
-    outcome_weight: float = 1.0,
-    normalizer: float | None = None,
+    tokens: Tokens, cfg, *, beta: float = 0.0, normalizer: float | None = None
 ) -> tuple[Tensor, dict[str, float]]:
     """The SDPG objective on one (micro-)batch; see the module docstring.
 
-    tokens.kl is the per-token distillation divergence (from chunked_head), clamped at
-    settings.kl_clamp nats; it may be None when beta == 0, and tokens.ref_logp may be
-    None when alpha == 0. Returns the scalar loss and float metrics (masked means over
+    cfg: the run's config.Config (read: outcome_weight w_pg, alpha, kl_mode,
+    positive_adv_only, kl_clamp, eps_low, eps_high, clip_c, loss_agg); beta: this step's
+    beta(k). tokens.kl is the per-token distillation divergence (from chunked_head),
+    clamped at cfg.kl_clamp nats; it may be None when beta == 0, and tokens.ref_logp may
+    be None when alpha == 0. Returns the scalar loss and float metrics (masked means over
     this call's tokens; kl_distill is the clamped divergence that enters the loss).
     """
-    t, s = tokens, settings
+    t, s = tokens, cfg
     kl, mask, advantages = t.kl, t.mask, t.advantages
     if beta != 0.0 and kl is None:
         raise ValueError("beta != 0 needs the per-token distillation kl")
     if s.alpha != 0.0 and t.ref_logp is None:
         raise ValueError("alpha != 0 needs the reference log-probs ref_logp")
     pg, stats = clipped_policy_loss(t.logp, t.old_logp, advantages, mask, s.eps_low, s.eps_high, s.clip_c)
-    per_token = outcome_weight * pg  # [B, T]
+    per_token = s.outcome_weight * pg  # [B, T]
     pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
     metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
     if kl is not None:
@@ -605,90 +570,7 @@ def sdpg_loss(
         anchor = reference_kl(lp, rlp, s.kl_mode).masked_fill(pad, 0.0)
         per_token = per_token + s.alpha * anchor
         metrics["ref_kl"] = float(masked_mean(anchor.detach(), mask))
-    loss = _aggregate(per_token, mask, s.agg, normalizer)
+    loss = aggregate(per_token, mask, s.loss_agg, normalizer)
     metrics.update({k: float(v) for k, v in stats.items()})
     metrics["loss"] = float(loss.detach())
-    return loss, metrics
-
-
-# ---------------------------------------------------------------- the paper's baselines
-# Both read only the sampled token's log-prob under the teacher view, never the full
-# vocabulary, and both follow the authors' verl code (core_algos.py) line for line.
-
-
-def _teacher_gap(teacher_logp: Tensor, old_logp: Tensor) -> Tensor:
-    """log pi_T(y_t | c, x) - log pi_old(y_t | x), no gradient, NaN -> 0 (a token both
-    give probability 0), clamped to +-LOG_RATIO_CLAMP."""
-    gap = (teacher_logp - old_logp).detach().nan_to_num(0.0)
-    return gap.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-
-
-def opsd_loss(
-    tokens: Tokens, settings: LossSettings = LossSettings(), *, normalizer: float | None = None
-) -> tuple[Tensor, dict[str, float]]:
-    """OPSD (On-Policy Self-Distillation) with the authors' stability fixes:
-
-        w_t = clamp(log pi_ref(y_t | c, x) - log pi_old(y_t | x), 0, 20)     no gradient
-        r_t = exp(clamp(log pi_theta - log pi_old, -20, 20))
-        L_t = -w_t min(r_t, clip(r_t, 1 - eps_low, 1 + eps_high))         only where A > 0
-
-    The teacher is the frozen reference reading the context (tokens.teacher_logp); the
-    reward gate keeps only responses with a positive group advantage; the loss is the
-    mean over the gated tokens (normalizer: their count in the whole (mini-)batch under
-    micro-batching). Metrics: opsd_weight, the mean w_t over gated tokens.
-    """
-    t, s = tokens, settings
-    logp, old_logp, mask = t.logp, t.old_logp, t.mask
-    gate = (t.advantages > 0).to(logp.dtype)[:, None]  # [B, 1]
-    gated = mask.to(logp.dtype) * gate  # [B, T]
-    weight = _teacher_gap(t.teacher_logp, old_logp).clamp(min=0.0).masked_fill(~mask.bool(), 0.0)  # [B, T]
-    ratio = torch.exp((logp - old_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).nan_to_num(1.0)
-    per_token = -weight * torch.minimum(ratio, ratio.clamp(1.0 - s.eps_low, 1.0 + s.eps_high))  # [B, T]
-    loss = _aggregate(per_token, gated, "token-mean", normalizer)
-    metrics = {
-        "pg_loss": float(masked_mean(per_token.detach(), gated)),
-        "opsd_weight": float(masked_mean(weight, gated)),
-        "ratio": float(masked_mean(ratio.detach(), gated)),
-        "loss": float(loss.detach()),
-    }
-    return loss, metrics
-
-
-def rlsd_lambda(step: int, lam: float, decay_steps: int) -> float:
-    """lambda(k) = lam * max(0, 1 - k / K) at the 1-based step k; K = 0: constant."""
-    return lam * max(0.0, 1.0 - step / decay_steps) if decay_steps > 0 else lam
-
-
-def rlsd_loss(
-    tokens: Tokens, settings: LossSettings = LossSettings(), *, lam: float, normalizer: float | None = None
-) -> tuple[Tensor, dict[str, float]]:
-    """RLSD (RLVR with Self-Distillation): the teacher only rescales each token's advantage.
-
-        delta_t = clamp(log pi_T(y_t | c, x) - log pi_old(y_t | x), -20, 20)    no gradient
-        w_t     = exp(clamp(sign(A) delta_t, -20, 20))
-        Ahat_t  = A clip(w_t, 1 - eps_w, 1 + eps_w)
-        A_t     = (1 - lambda) A + lambda Ahat_t
-
-    then the DAPO dual-clip surrogate of `clipped_policy_loss` on A_t. The teacher
-    (tokens.teacher_logp) is the policy at the start of the step reading the context;
-    the verifier's advantage keeps the direction, the teacher changes the magnitude by at
-    most eps_w.
-    """
-    t, s = tokens, settings
-    logp, old_logp, mask = t.logp, t.old_logp, t.mask
-    adv = t.advantages[:, None].expand_as(logp)  # [B, T]
-    delta = _teacher_gap(t.teacher_logp, old_logp)  # [B, T]
-    weight = torch.exp((torch.sign(adv) * delta).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # [B, T]
-    mixed = (1.0 - lam) * adv + lam * adv * weight.clamp(1.0 - s.rlsd_eps_w, 1.0 + s.rlsd_eps_w)  # [B, T]
-    pg, stats = clipped_policy_loss(logp, old_logp, mixed, mask, s.eps_low, s.eps_high, s.clip_c)
-    loss = _aggregate(pg, mask, s.agg, normalizer)
-    outside = (weight < 1.0 - s.rlsd_eps_w) | (weight > 1.0 + s.rlsd_eps_w)
-    metrics = {
-        "pg_loss": float(masked_mean(pg.detach(), mask)),
-        "rlsd_delta": float(masked_mean(delta, mask)),
-        "rlsd_weight": float(masked_mean(weight, mask)),
-        "rlsd_weight_clipfrac": float(masked_mean(outside.to(logp.dtype), mask)),
-        **{k: float(v) for k, v in stats.items()},
-        "loss": float(loss.detach()),
-    }
     return loss, metrics

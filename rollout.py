@@ -1,8 +1,17 @@
-"""Rollouts: from examples to a batch of sampled responses that the losses can score.
+"""Rollouts: one model in three roles, its two prompt views, sampling and scoring.
 
-Every example is shown to the model twice (data.prompt_texts):
-  student view  x       the question and the instruction to answer in \\boxed{}
-  teacher view  (c, x)  the same, plus the privileged context c (by default the answer)
+One model plays three roles (`Policy`, `teacher_role`, `reference_role`):
+  student    pi_theta(.|x)      LoRA on: samples G responses per prompt, gets the gradient
+  teacher    pi_theta(.|c, x)   LoRA on, the privileged context c in its prompt, no gradient
+             (--teacher initial: the reference's weights; ema: a moving average)
+  reference  pi_ref(.|x)        the same weights with the LoRA adapter switched off
+
+Every example is shown to the model twice (`prompt_texts`), in the authors' format:
+chat messages whose first message holding [TEACHER_CONTEXT_TOKEN] splits there, once:
+  student view  x       that message's content before the token: the question and the
+                        instruction to answer
+  teacher view  (c, x)  the same text immediately followed by everything after the token,
+                        the privileged context c (by default a sentence with the answer)
 
 The student view is sampled G times with HF `generate` (left padding, KV cache). The
 teacher never generates: it reads the student's response token ids, appended to its own
@@ -17,20 +26,103 @@ follow the attention mask, so left padding changes nothing.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from data import Example, contrast_example, encode, prompt_texts
 from losses import DEFAULT_CHUNK, chunked_head
+
+# ---------------------------------------------------------------- the two prompt views
+
+TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
+BOXED_INSTRUCTION = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
+DAPO_INSTRUCTION = (
+    "The last line of your response should be of the form Answer: $Answer (without quotes) "
+    "where $Answer is the answer to the problem."
+)
+
+
+@dataclass
+class Example:
+    """One prompt: the question (for logs), the gold answer (for the verifier), the chat
+    messages in the authors' format, the teacher's context after the token, and the
+    template that context was written from (None: the source gave the context)."""
+
+    question: str
+    answer: str
+    messages: list[dict[str, str]]
+    context_template: str | None = None
+    wrong_answer: str | None = None  # for --teacher-contrast (`with_wrong_answers`)
+
+
+def with_context(ex: Example, template: str, answer: str | None = None) -> Example:
+    """The example with its teacher context rewritten from `template` (with `answer`, by
+    default the gold one); an example whose context came from its source is unchanged."""
+    if ex.context_template is None:
+        return ex
+    messages = copy.deepcopy(ex.messages)
+    for m in messages:
+        if TEACHER_CONTEXT_TOKEN in m["content"]:
+            asked = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)[0]
+            context = template.format(answer=ex.answer if answer is None else answer)
+            m["content"] = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
+            break
+    return dataclasses.replace(ex, messages=messages, context_template=template)
+
+
+def contrast_example(ex: Example) -> Example:
+    """The example whose context states its wrong answer (the contrastive teacher's view)."""
+    return with_context(ex, ex.context_template, ex.wrong_answer)
+
+
+def views(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(student messages, teacher messages), split at the first message holding the token.
+    Messages without the token give both views the same prompt."""
+    messages = [
+        {**m, "content": m["content"].replace(DAPO_INSTRUCTION, BOXED_INSTRUCTION, 1)} for m in messages
+    ]
+    for i, m in enumerate(messages):
+        if TEACHER_CONTEXT_TOKEN in m["content"]:
+            student_part, context = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)
+            student, teacher = copy.deepcopy(messages), copy.deepcopy(messages)
+            student[i] = {**m, "content": student_part}
+            teacher[i] = {**m, "content": student_part + context}
+            return student, teacher
+    return messages, copy.deepcopy(messages)
+
+
+def render(tokenizer, messages: list[dict[str, str]]) -> str:
+    """The tokenizer's chat template when it has one, else plain 'Question/Answer' text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "Question: " + "\n".join(m["content"] for m in messages) + "\nAnswer:"
+
+
+def prompt_texts(tokenizer, ex: Example) -> tuple[str, str]:
+    """(student prompt x, teacher prompt (c, x)) for one example, as the model reads them."""
+    student, teacher = views(ex.messages)
+    return render(tokenizer, student), render(tokenizer, teacher)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered prompt (the template already holds any special tokens)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- sampling
 
 
 @dataclass
 class RolloutBatch:
-    """B prompts x G responses, rows group-contiguous (row i*G + j is prompt i, sample j)."""
+    """B prompts x G responses, rows group-contiguous (row i*G + j is prompt i, sample j),
+    and what the step adds to each row: its verdict and advantage (stage 2) and the
+    log-probs fixed for the step (stage 3; None where not used)."""
 
     student_ids: Tensor  # [B*G, Ls] left-padded student prompts
     student_mask: Tensor  # [B*G, Ls]
@@ -41,10 +133,12 @@ class RolloutBatch:
     truncated: Tensor  # [B*G] bool: no EOS within max_new_tokens
     completions: list[str]  # decoded responses, for the verifier
     answers: list[str]  # gold answer per row
-    contrast_ids: Tensor | None = (
-        None  # [B*G, Lc] teacher prompts stating a wrong answer (--teacher-contrast)
-    )
+    contrast_ids: Tensor | None = None  # [B*G, Lc] teacher prompts stating a wrong answer
     contrast_mask: Tensor | None = None  # [B*G, Lc]
+    verdicts: list | None = None  # the verifier's, one per response
+    advantages: Tensor | None = None  # [B*G] A_i
+    ref_logp: Tensor | None = None  # [B*G, T] log pi_ref(y_t | x): the anchor
+    old_logp: Tensor | None = None  # [B*G, T] log pi_old(y_t | x): the PPO ratio's base
 
     def rows(self, idx: slice) -> RolloutBatch:
         """A micro-batch of rows (tensors sliced, lists too)."""
@@ -259,3 +353,95 @@ def response_logprobs(
     head = model.get_output_embeddings()
     logp, _, _ = score_tokens(head, h, batch.response_ids, batch.response_mask, None, temperature, chunk_size)
     return logp  # [B*G, T]
+
+
+def batched_logprobs(
+    model, batch: RolloutBatch, cfg, view: str = "student", temperature: float | None = None
+) -> Tensor:
+    """Log-probs [B*G, T] of the sampled tokens under `model` reading `view` (no grad), one
+    micro-batch (cfg.micro_batch rows) at a time; at the sampling temperature unless one
+    is given."""
+    size, temperature = cfg.micro_batch, cfg.temperature if temperature is None else temperature
+    parts = [
+        response_logprobs(model, batch.rows(slice(s, s + size)), temperature, cfg.kl_chunk_size, view).cpu()
+        for s in range(0, batch.response_ids.shape[0], size)
+    ]
+    return torch.cat(parts)  # [B*G, T]
+
+
+# ---------------------------------------------------------------- one model, three roles
+
+
+@dataclass
+class Policy:
+    """The model being trained, its tokenizer, (full fine-tune only) a frozen reference, and
+    (--teacher ema only) the moving average of its trained weights."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    frozen_reference: torch.nn.Module | None = None
+    ema: EmaWeights | None = None
+
+
+@contextmanager
+def reference_role(policy: Policy):
+    """pi_ref: the frozen copy, or the adapter switched off for the duration."""
+    if policy.frozen_reference is not None:
+        yield policy.frozen_reference
+    else:
+        with policy.model.disable_adapter():
+            yield policy.model
+
+
+@contextmanager
+def teacher_role(policy: Policy, teacher: str):
+    """The teacher's weights: the policy itself ('live', the paper), the reference
+    ('initial'), or the moving average of the trained weights ('ema')."""
+    if teacher == "initial":
+        with reference_role(policy) as reference:
+            yield reference
+    elif teacher == "ema":
+        with policy.ema.swapped_in():
+            yield policy.model
+    else:
+        yield policy.model
+
+
+class EmaWeights:
+    """theta' <- d theta' + (1 - d) theta over the trainable parameters, after every optimizer
+    step; `swapped_in` puts theta' into the model for the teacher pass only.
+
+    A live teacher is made of the weights being trained, so its reading of the context
+    moves (and erodes) with every update; the average moves slowly, a teacher between
+    the live one and the initial weights. With LoRA only the adapter is averaged.
+    """
+
+    def __init__(self, params, decay: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params, strict=True):
+            s.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    @contextmanager
+    def swapped_in(self):
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow, strict=True):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup, strict=True):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        for s, saved in zip(self.shadow, state["shadow"], strict=True):
+            s.copy_(saved)

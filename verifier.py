@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from errors import UsageError
+from harness.errors import UsageError
 
 MAX_BOX = 1000  # longest \boxed{...} content we look at
 MAX_TRIES = 20  # how many \boxed occurrences, from the end, may be unbalanced before giving up

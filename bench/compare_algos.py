@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run_folder import read_metrics  # noqa: E402
+from harness.run_folder import read_metrics  # noqa: E402
 
 ACC = "eval_mean@4"
 VARIANTS = {  # a contender name -> its sdpg.py flags; any other name is an --algo

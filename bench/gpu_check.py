@@ -28,11 +28,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
 import sdpg  # noqa: E402
-from data import arithmetic_split  # noqa: E402
-from policy import Optimizer, load_policy, load_tokenizer  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+from harness import cli  # noqa: E402
+from harness.data import arithmetic_split  # noqa: E402
+from harness.loading import load_policy, load_tokenizer  # noqa: E402
+from harness.optim import Optimizer  # noqa: E402
+from harness.tiny_model import build_tiny_model  # noqa: E402
+from verifier import Verdict  # noqa: E402
 
 QWEN25_05B = dict(
     hidden_size=896,
@@ -62,8 +64,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         build_tiny_model(folder, **(SMALL if a.small else QWEN25_05B))
-        args = cli.resolve(
-            cli.build_parser().parse_args(
+        args = cli.parse(
+            cli.given_flags(
                 [
                     "--model",
                     str(folder),
@@ -91,7 +93,7 @@ def main() -> None:
         )
         policy = load_policy(args, *load_tokenizer(args))
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
-    cfg = cli.config(args)
+    cfg = args
     examples = arithmetic_split(args.steps * args.batch_prompts, "train")
     rows = []
     for step in range(args.steps):
@@ -99,7 +101,9 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         batch = examples[step * args.batch_prompts : (step + 1) * args.batch_prompts]
         t0 = time.perf_counter()
-        metrics = sdpg.sdpg_step(policy, optimizer, batch, step, cfg, lambda c, g: 0.0)[0]
+        metrics = sdpg.sdpg_step(
+            policy, optimizer, batch, step, cfg, lambda c, g: Verdict(0.0, None, "none", "")
+        )[0]
         metrics["wall_s"] = time.perf_counter() - t0
         metrics["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else metrics["peak_mem_gb"]
         rows.append(metrics)

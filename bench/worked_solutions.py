@@ -94,7 +94,7 @@ def write_rows(path: Path, pairs: list[tuple[str, str]], solve, context: str) ->
 
 def data_flags(work: Path, family: str, seed: int, eval_size: int, context: str) -> list[str]:
     """--data/--eval-data for one run: the family's rows with `context` = the chosen column."""
-    import data
+    from harness import data
 
     folder = work / f"{family}-data"
     if family == "two-step":
@@ -118,7 +118,7 @@ def stated_steps(folder: Path, family: str, steps: range) -> float | None:
     """Share of the logged training samples at `steps` (samples.jsonl keeps each step's
     first group, the step's first prompt) that state the intermediate result of a two-step
     question (the number left after the give-away); None for other families."""
-    import data
+    from harness import data
 
     if family != "two-step":
         return None

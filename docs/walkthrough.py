@@ -24,19 +24,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli  # noqa: E402
-import data  # noqa: E402
+from harness import cli, data  # noqa: E402
+from harness.loading import load_policy, load_tokenizer  # noqa: E402
+from harness.session import quiet_libraries  # noqa: E402
 from losses import (  # noqa: E402
     Tokens,
     beta_schedule,
     clipped_policy_loss,
     group_advantages,
     kl_from_logits,
-    policy_loss,
+    sdpg_loss,
 )
-from policy import load_policy, load_tokenizer, reference_role  # noqa: E402
-from rollout import response_hidden, response_logprobs, rollout, score_tokens  # noqa: E402
-from sdpg import quiet_libraries  # noqa: E402
+from rollout import (  # noqa: E402
+    prompt_texts,
+    reference_role,
+    response_hidden,
+    response_logprobs,
+    rollout,
+    score_tokens,
+)
 from verifier import make_verifier  # noqa: E402
 
 quiet_libraries()
@@ -44,8 +50,7 @@ torch.manual_seed(0)
 B, G, STEP = 2, 4, 10  # prompts, samples per prompt, the (0-based) training step we pretend to be at
 cache = os.environ.get("SDPG_CACHE") or tempfile.mkdtemp()  # a short warm start, built once per cache
 argv = ["--cache-dir", cache, "--tiny-warm-start-steps", "120", "--beta", "0.1", "--beta-warmup-steps", "20"]
-args = cli.resolve(cli.build_parser().parse_args([*argv, "--output-dir", "unused"]))
-cfg = cli.config(args)
+cfg = args = cli.parse(cli.given_flags([*argv, "--output-dir", "unused"]))
 path, tokenizer = load_tokenizer(args)  # builds the tiny Qwen2 and warm-starts it on first use
 policy = load_policy(args, path, tokenizer)  # LoRA on: the student; LoRA off: the reference
 model = policy.model
@@ -58,7 +63,7 @@ print(f"tiny Qwen2 with LoRA: vocabulary {len(tokenizer)}, beta {cfg.beta}, alph
 
 # %%
 examples = data.arithmetic_split(B, "train", seed=3, context_template=args.context_template)
-student_text, teacher_text = data.prompt_texts(tokenizer, examples[0])
+student_text, teacher_text = prompt_texts(tokenizer, examples[0])
 print("student view x:     ", repr(student_text))
 print("teacher view (c, x):", repr(teacher_text))
 
@@ -150,9 +155,7 @@ per_token = [round(x, 3) for x in outcome[i].tolist()]
 print(f"outcome per token, row {i}: {per_token} (= -A_{i} = {-advantages[i]:.3f})")
 print(f"clip fraction {float(stats['clipfrac']):.2f}, mean ratio {float(stats['ratio']):.2f}")
 tokens = Tokens(logp, logp.detach(), advantages, mask, kl=kl, ref_logp=ref_logp)
-loss, metrics = policy_loss(
-    "sdpg", tokens, cfg.loss, beta=beta, lam=0.0, normalizer=None
-)  # cfg.loss: LossSettings
+loss, metrics = sdpg_loss(tokens, cfg, beta=beta)
 print(
     "loss terms (means over tokens):",
     {k: round(metrics[k], 4) for k in ("pg_loss", "kl_distill", "ref_kl", "loss")},

@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-import cli  # noqa: E402
-from policy import load_policy, load_tokenizer  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+from harness import cli  # noqa: E402
+from harness.loading import load_policy, load_tokenizer  # noqa: E402
+from harness.tiny_model import build_tiny_model  # noqa: E402
 
 # B = 2 prompts x G = 4 samples x at most 6 tokens, 4 held-out prompts, no evals between,
 # a teacher check (and auto) on 8 training questions.
@@ -43,7 +43,7 @@ SMALL_RUN = [
 def small_args(model_path, *extra):
     """Resolved flags of a small run on `model_path`, with `extra` flags on top."""
     argv = ["--model", str(model_path), *SMALL_RUN, *[str(x) for x in extra]]
-    return cli.resolve(cli.build_parser().parse_args(argv))
+    return cli.parse(cli.given_flags(argv))
 
 
 def load_small_policy(args):

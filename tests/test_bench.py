@@ -36,7 +36,8 @@ def test_step_bench_gives_trl_the_prompt_and_context_ours_uses(tiny):
     sys.path.insert(0, str(ROOT / "bench"))
     import step_bench
 
-    from data import arithmetic_split, render, views
+    from harness.data import arithmetic_split
+    from rollout import render, views
 
     _, tokenizer = tiny
     examples = arithmetic_split(3, "train")

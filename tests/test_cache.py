@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cache import filled_once
-from errors import UsageError
+from harness.cache import filled_once
+from harness.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 # A child that waits for the file `go`, then asks for one cache entry and prints its path.
@@ -27,8 +27,10 @@ while not os.path.exists(sys.argv[3]):
     time.sleep(0.01)
 {call}
 """
-TINY_CALL = "import tiny_model; print(tiny_model.ensure_tiny_model(sys.argv[1], warm_start_steps=20))"
-GGUF_CALL = "import policy; print(policy.gguf_folder(Path(sys.argv[4]), sys.argv[1]))"
+TINY_CALL = (
+    "from harness import tiny_model; print(tiny_model.ensure_tiny_model(sys.argv[1], warm_start_steps=20))"
+)
+GGUF_CALL = "from harness import loading; print(loading.gguf_folder(Path(sys.argv[4]), sys.argv[1]))"
 
 
 def write_tiny_gguf(model_dir: Path, out: Path) -> Path:
@@ -121,7 +123,8 @@ def test_two_runs_filling_an_empty_cache_at_once_both_succeed_and_build_once(kin
 
 def test_a_build_killed_midway_leaves_no_entry_and_the_next_run_repairs_it(tmp_path):
     cache = tmp_path / "cache"
-    call = "import tiny_model; print(tiny_model.ensure_tiny_model(sys.argv[1], warm_start_steps=100000))"
+    call = "from harness import tiny_model; "
+    call += "print(tiny_model.ensure_tiny_model(sys.argv[1], warm_start_steps=100000))"
     script = CHILD.format(root=str(ROOT), call=call)
     (tmp_path / "go").touch()
     proc = subprocess.Popen(
@@ -137,7 +140,7 @@ def test_a_build_killed_midway_leaves_no_entry_and_the_next_run_repairs_it(tmp_p
     stale = list(cache.glob(".tiny-*.tmp-*"))
     assert stale and not [p for p in cache.iterdir() if p.name.startswith("tiny-")]
 
-    import tiny_model
+    from harness import tiny_model
 
     name = "tiny-" + tiny_model.TINY_VERSION + "-seed0-warm100000"
     calls = []
@@ -179,7 +182,7 @@ def test_a_failed_build_leaves_nothing_and_a_read_only_cache_still_serves(tmp_pa
 
 
 def test_zero_warm_start_steps_keep_the_random_model(tiny_path, tmp_path):
-    import tiny_model
+    from harness import tiny_model
 
     folder = tiny_model.ensure_tiny_model(str(tmp_path), warm_start_steps=0)
     assert folder.name == f"tiny-{tiny_model.TINY_VERSION}-seed0-warm0"

@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
+from baselines import opsd_loss as opsd_objective
+from baselines import rlsd_lambda
+from baselines import rlsd_loss as rlsd_objective
+from config import Config
 from losses import (
-    LossSettings,
     Tokens,
     beta_schedule,
     chunked_head,
@@ -18,10 +21,7 @@ from losses import (
     jsd_from_logits,
     kl_from_logits,
     reference_kl,
-    rlsd_lambda,
 )
-from losses import opsd_loss as opsd_objective
-from losses import rlsd_loss as rlsd_objective
 from losses import sdpg_loss as sdpg_objective
 
 D = torch.float64
@@ -33,16 +33,21 @@ def sdpg_loss(
     """losses.sdpg_loss with its inputs as plain tensors and its settings as keywords."""
     tokens = Tokens(lp, olp, adv, mask, kl=kl, ref_logp=rlp)
     return sdpg_objective(
-        tokens, LossSettings(**knobs), beta=beta, outcome_weight=outcome_weight, normalizer=normalizer
+        tokens, config(outcome_weight=outcome_weight, **knobs), beta=beta, normalizer=normalizer
     )
 
 
+def config(agg="token-mean", alpha=0.0, **knobs):
+    """A configuration holding the loss's settings (knobs by Config field name; agg: loss_agg)."""
+    return Config(loss_agg=agg, alpha=alpha, **knobs)
+
+
 def opsd_loss(lp, olp, tlp, adv, mask, **knobs):
-    return opsd_objective(Tokens(lp, olp, adv, mask, teacher_logp=tlp), LossSettings(**knobs))
+    return opsd_objective(lp, olp, tlp, adv, mask, config(**knobs))
 
 
 def rlsd_loss(lp, olp, tlp, adv, mask, *, lam, **knobs):
-    return rlsd_objective(Tokens(lp, olp, adv, mask, teacher_logp=tlp), LossSettings(**knobs), lam=lam)
+    return rlsd_objective(lp, olp, tlp, adv, mask, config(**knobs), lam=lam)
 
 
 def naive_kl(hs, ht, w, b=None, temperature=1.0, divergence="reverse", lam=0.5):

@@ -11,11 +11,14 @@ import torch
 from conftest import small_args
 from transformers import AutoModelForCausalLM
 
-import cli
 import sdpg
-from data import arithmetic_split, prompt_texts
-from policy import SHORT_NAMES, Optimizer, load_policy, load_tokenizer
-from rollout import eos_ids, response_logprobs, rollout
+from config import SHORT_NAMES
+from harness import cli
+from harness.data import arithmetic_split
+from harness.loading import load_policy, load_tokenizer
+from harness.optim import Optimizer
+from rollout import eos_ids, prompt_texts, response_logprobs, rollout
+from verifier import Verdict
 
 PACKAGE, GGUF_NAME, _ = SHORT_NAMES["smollm2-135m"]
 
@@ -59,24 +62,24 @@ def test_one_sdpg_step_on_the_real_model_and_its_adapter_reloads_onto_the_gguf(
     smollm2, tmp_path, monkeypatch
 ):
     args, path, tok = smollm2
-    args = cli.resolve(cli.build_parser().parse_args(["--model", "smollm2-135m", "--num-generations", "2",
+    args = cli.parse(cli.given_flags(["--model", "smollm2-135m", "--num-generations", "2",
         "--batch-prompts", "1", "--max-new-tokens", "16", "--beta", "0.1", "--alpha", "0.01", "--lr", "1e-3",
         "--data", "arithmetic", "--output-dir", str(tmp_path / "o")]))  # fmt: skip
     torch.manual_seed(0)
     policy = load_policy(args, path, tok)
     model = policy.model
     grads = []
-    real = Optimizer.clip_and_step
+    real = Optimizer.step
 
-    def spy(self, max_norm):
+    def spy(self):
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-        return real(self, max_norm)
+        return real(self)
 
-    monkeypatch.setattr(Optimizer, "clip_and_step", spy)
+    monkeypatch.setattr(Optimizer, "step", spy)
     optimizer = Optimizer(model.parameters(), args.lr, args.weight_decay)
     examples = arithmetic_split(1, "train", seed=3)
-    metrics, batch, _ = sdpg.sdpg_step(
-        policy, optimizer, examples, 0, cli.config(args), lambda c, g: float(len(c) % 2)
+    metrics, batch = sdpg.sdpg_step(
+        policy, optimizer, examples, 0, args, lambda c, g: Verdict(float(len(c) % 2), None, "none", "")
     )
     assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["skipped_step"] == 0
     (g,) = grads

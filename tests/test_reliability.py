@@ -1,5 +1,6 @@
 """Reliability: exact resume after SIGKILL, Ctrl-C, non-finite steps, bad input."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,15 +15,16 @@ import torch
 from conftest import SMALL_RUN, load_small_policy, small_args
 
 import sdpg
-from data import step_examples
-from policy import Optimizer
-from run_folder import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+from harness.data import arithmetic_split, step_examples
+from harness.optim import Optimizer
+from harness.run_folder import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+from verifier import Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = [*SMALL_RUN, "--micro-batch", "8", "--beta", "0.1"]
 
 
-def cli(*argv, env=None, timeout=300):
+def run_cli(*argv, env=None, timeout=300):
     """Run sdpg.py in a fresh process; returns the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
@@ -52,7 +54,7 @@ def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
     ]
     steps = ["--model", str(tiny_path), *RUN, *recipe, "--steps", "5", "--save-every", "2"]
     full, broken = tmp_path / "full", tmp_path / "broken"
-    assert cli(*steps, "--output-dir", str(full)).returncode == 0
+    assert run_cli(*steps, "--output-dir", str(full)).returncode == 0
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -72,7 +74,7 @@ def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
     proc.wait()
     assert latest_checkpoint(broken).name == "step-000002"
 
-    resumed = cli(*steps, "--output-dir", str(broken), "--resume")
+    resumed = run_cli(*steps, "--output-dir", str(broken), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     a, b = metrics(full), metrics(broken)
@@ -89,7 +91,7 @@ def test_resume_after_sigkill_is_exact(tiny_path, tmp_path):
 
 def test_adapter_loads_with_peft_and_merges(tiny_path, tmp_path):
     out = tmp_path / "run"
-    assert cli("--model", str(tiny_path), *RUN, "--steps", "1", "--output-dir", str(out)).returncode == 0
+    assert run_cli("--model", str(tiny_path), *RUN, "--steps", "1", "--output-dir", str(out)).returncode == 0
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -170,13 +172,13 @@ def test_resume_refuses_another_kind_of_run(tiny_path, tmp_path, capsys):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tiny_path, tmp_path, monkeypatch, capsys):
-    real = sdpg.policy_loss
+    real = sdpg.sdpg_loss
 
     def poisoned(*a, **k):
         loss, m = real(*a, **k)
         return loss * float("nan"), m
 
-    monkeypatch.setattr(sdpg, "policy_loss", poisoned)
+    monkeypatch.setattr(sdpg, "sdpg_loss", poisoned)
     out = tmp_path / "run"
     code = sdpg.main(["--model", str(tiny_path), *RUN, "--steps", "10", "--output-dir", str(out)])
     err = capsys.readouterr().err
@@ -186,13 +188,22 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_path, tmp_path, monkeypatch
     assert latest_checkpoint(out) is None  # no checkpoint was written from a bad state
 
 
-def test_one_skipped_step_leaves_weights_unchanged(tiny_path):
-    policy = load_small_policy(small_args(tiny_path, "--micro-batch", "8"))
+def test_one_skipped_step_leaves_weights_unchanged(tiny_path, monkeypatch):
+    """A non-finite gradient in sdpg_step: no update, the skip counted."""
+    args = small_args(tiny_path, "--micro-batch", "8")
+    policy = load_small_policy(args)
     opt = Optimizer(policy.model.parameters(), 1e-2, 0.0)
     before = [p.detach().clone() for p in opt.params]
-    for p in opt.params:
-        p.grad = torch.full_like(p, float("inf"))
-    assert opt.clip_and_step(1.0)["skipped_step"] == 1.0
+    real = sdpg.sdpg_loss
+
+    def poisoned(*a, **k):
+        loss, m = real(*a, **k)
+        return loss * float("inf"), m
+
+    monkeypatch.setattr(sdpg, "sdpg_loss", poisoned)
+    verdict = lambda c, g: Verdict(float(len(c) % 2), None, "none", "")  # noqa: E731
+    metrics, _ = sdpg.sdpg_step(policy, opt, arithmetic_split(2, "train"), 0, args, verdict)
+    assert metrics["skipped_step"] == 1.0 and metrics["skipped_total"] == 1 and opt.bad_in_a_row == 1
     assert all(torch.equal(a, b) for a, b in zip(before, opt.params, strict=True))
 
 
@@ -208,9 +219,9 @@ def one_line_error(r) -> str:
 
 def test_hub_id_offline_is_one_line_in_a_real_process(tmp_path):
     argv = ("--model", "Qwen2.5-0.5B", "--data", "arithmetic", "--output-dir", tmp_path / "o")
-    line = one_line_error(cli(*argv, timeout=120))
+    line = one_line_error(run_cli(*argv, timeout=120))
     assert "could not load model 'Qwen2.5-0.5B' (Qwen/Qwen2.5-0.5B)" in line and "--model" in line
-    line = one_line_error(cli("--model", "Qwen2.5-0.5B", "--output-dir", tmp_path / "o", timeout=120))
+    line = one_line_error(run_cli("--model", "Qwen2.5-0.5B", "--output-dir", tmp_path / "o", timeout=120))
     assert "could not load openai/gsm8k" in line  # the data is checked first
 
 
@@ -240,7 +251,7 @@ def test_bad_data_fails_before_any_model_work(tmp_path):
     """A first run with a missing data file does not build the tiny model first: no cache
     entry appears (a structural check; a wall-clock bound failed under load)."""
     line = one_line_error(
-        cli(
+        run_cli(
             "--data",
             tmp_path / "missing.jsonl",
             "--cache-dir",
@@ -390,7 +401,7 @@ def test_lora_targets_an_adapter_of_another_model_and_a_folder_without_tokenizer
 
 
 def test_a_full_disk_keeps_the_checkpoints_already_written(tiny_path, tmp_path, monkeypatch, capsys):
-    import run_folder
+    from harness import run_folder
 
     real, saves = torch.save, []
 
@@ -436,8 +447,8 @@ def test_a_damaged_or_old_checkpoint_and_steps_behind_it(tiny_path, tmp_path, ca
 
 
 def test_a_second_run_on_the_same_folder_stops_while_the_first_holds_it(tmp_path):
-    import run_folder
-    from errors import UsageError
+    from harness import run_folder
+    from harness.errors import UsageError
 
     out = tmp_path / "run"
     lock = run_folder.start_run(out, None, {"x": 1})
@@ -483,7 +494,7 @@ def test_four_bit_without_bitsandbytes(tiny_path, tmp_path, monkeypatch, capsys)
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    r = cli("--model", "/nonexistent/folder", "--debug", "--output-dir", str(tmp_path / "o"), timeout=120)
+    r = run_cli("--model", "/nonexistent/folder", "--debug", "--output-dir", str(tmp_path / "o"), timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
@@ -539,10 +550,10 @@ def test_checkpoint_round_trip(tiny_path, tmp_path, full):
     opt = Optimizer(model.parameters(), 1e-2, 0.0)
     for p in opt.params:
         p.grad = torch.ones_like(p)
-    opt.clip_and_step(1.0)  # one real step: AdamW now has state
+    opt.step()  # one real step: AdamW now has state
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, 7, model, opt, vars(args), keep=2)
+    path = save_checkpoint(tmp_path, 7, model, opt, dataclasses.asdict(args), keep=2)
     expected_draw = torch.rand(3)
     with torch.no_grad():
         for p in opt.params:

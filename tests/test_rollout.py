@@ -7,27 +7,21 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-import data
-from data import (
-    CONTEXT_TEMPLATE,
-    DAPO_INSTRUCTION,
-    INSTRUCTION,
-    arithmetic_split,
-    file_examples,
-    plain_example,
-    prompt_texts,
-)
-from errors import UsageError
+from harness import data
+from harness.data import CONTEXT_TEMPLATE, INSTRUCTION, arithmetic_split, file_examples, plain_example
+from harness.errors import UsageError
+from harness.tiny_model import misconception, sft_rows, train_tokenizer
 from rollout import (
+    DAPO_INSTRUCTION,
     eos_ids,
     left_pad,
+    prompt_texts,
     response_hidden,
     response_logprobs,
     response_mask,
     rollout,
     score_tokens,
 )
-from tiny_model import misconception, sft_rows, train_tokenizer
 
 EXAMPLES = [
     plain_example(

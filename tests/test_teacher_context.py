@@ -7,12 +7,10 @@ import pytest
 import torch
 from conftest import SMALL_RUN, load_small_policy, small_args
 
-import cli
-import data
 import sdpg
-import teacher_context
-from rollout import contrast_hidden, rollout
-from teacher_context import ViewStats
+from harness import cli, data, teacher_context
+from harness.teacher_context import ViewStats
+from rollout import TEACHER_CONTEXT_TOKEN, contrast_example, contrast_hidden, rollout, views
 from verifier import answer_format, make_verifier, verify
 
 D = torch.float64
@@ -21,7 +19,7 @@ D = torch.float64
 def test_the_check_counts_what_a_hand_count_of_greedy_answers_gives(tiny_path):
     args = small_args(tiny_path, "--max-new-tokens", "4", "--context-template", "authors")
     policy = load_small_policy(args)
-    cfg = cli.config(args)
+    cfg = args
     examples = data.arithmetic_split(10, "train", seed=2)
     verifier = make_verifier()
     for view in ("student", "teacher"):
@@ -58,16 +56,13 @@ def test_auto_takes_the_most_accurate_phrasing_ties_to_shorter_and_reads_only_tr
         scored.extend(e.question for e in examples)
         if view == "student":
             return ViewStats(0.25, 8.0, 0.0, [e.question for e in examples])
-        context = examples[0].messages[0]["content"].split(data.TEACHER_CONTEXT_TOKEN)[1]
+        context = examples[0].messages[0]["content"].split(TEACHER_CONTEXT_TOKEN)[1]
         accuracy = {"Psst": 0.75, "Hint": 0.75}.get(context.strip()[:4], 0.5)  # a tie: Psst is shorter
         return ViewStats(accuracy, 5.0 if "Psst" in context else 6.0, 0.0, [e.question for e in examples])
 
     monkeypatch.setattr(teacher_context, "greedy_stats", stub)
     policy = load_small_policy(args)
-    settings = cli.context_settings(args)
-    chosen, (train2, evals2), check = teacher_context.settle(
-        policy, (train, evals), settings, cli.config(args), None, None
-    )
+    chosen, (train2, evals2), check = teacher_context.settle(policy, (train, evals), args, None, None)
     assert chosen == "Psst: {answer}."
     assert set(scored) <= {e.question for e in train} and not set(scored) & {e.question for e in evals}
     assert len(set(scored)) == args.check_size
@@ -92,9 +87,7 @@ def test_a_resumed_auto_run_keeps_the_phrasing_it_started_with(tiny_path, tmp_pa
     monkeypatch.setattr(teacher_context, "choose", no_second_choice)
     seen = []
     real = sdpg.train
-    monkeypatch.setattr(
-        sdpg, "train", lambda policy, opt, splits, *a: seen.append(splits) or real(policy, opt, splits, *a)
-    )
+    monkeypatch.setattr(sdpg, "train", lambda run: seen.append(run.splits) or real(run))
     assert sdpg.main([*argv, "--steps", "2", "--resume"]) == 0
     assert json.loads((out / "args.json").read_text())["context_template"] == chosen
     train, evals = seen[0]
@@ -105,7 +98,7 @@ def test_instruction_reaches_both_views_and_the_verifier_reads_its_format(tiny_p
     args = small_args(tiny_path, "--instruction", "answer-is")
     assert args.instruction == data.WORD_INSTRUCTION and answer_format(args.instruction) == "answer is"
     train, _ = data.load_splits("arithmetic", None, 4, instruction=args.instruction)
-    student, teacher = data.views(train[0].messages)
+    student, teacher = views(train[0].messages)
     assert data.WORD_INSTRUCTION in student[0]["content"] and data.WORD_INSTRUCTION in teacher[0]["content"]
     assert data.INSTRUCTION not in student[0]["content"]
     reply = "Let me see: \\boxed{} ... The answer is 7."
@@ -120,7 +113,7 @@ def test_instruction_reaches_both_views_and_the_verifier_reads_its_format(tiny_p
 
 def test_presets_choose_the_context_on_real_models_and_keep_the_tiny_models_own():
     def resolved(*argv):
-        return cli.resolve(cli.build_parser().parse_args(list(argv)))
+        return cli.parse(cli.given_flags(list(argv)))
 
     assert resolved().context_template == data.CONTEXT_TEMPLATE  # the text the tiny model was warm-started on
     assert resolved("--model", "smollm2-135m").context_template == "auto"
@@ -168,7 +161,7 @@ def test_wrong_answers_are_other_training_answers_and_fixed():
     a, b = data.with_wrong_answers(examples), data.with_wrong_answers(examples)
     assert [e.wrong_answer for e in a] == [e.wrong_answer for e in b]
     assert all(e.wrong_answer != e.answer and e.wrong_answer in {x.answer for x in examples} for e in a)
-    wrong = data.contrast_example(a[0])
+    wrong = contrast_example(a[0])
     assert wrong.messages[0]["content"].endswith(data.CONTEXT_TEMPLATE.format(answer=a[0].wrong_answer))
     given = data.plain_example("1+1?", "2", "It is 2.")  # a context given by the data: no template
     with pytest.raises(Exception, match="--teacher-contrast rewrites the context"):

@@ -11,7 +11,7 @@ from conftest import SMALL_RUN
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sdpg
-from run_folder import read_metrics
+from harness.run_folder import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,26 +216,64 @@ def test_requirements_never_pull_a_cuda_torch():
             assert not line.startswith("torch") or ">=" in line, (name, line)  # keeps the installed build
 
 
-def test_imports_flow_one_way():
-    """No module imports sdpg.py, and no two modules import each other (even indirectly)."""
+def import_graph() -> dict[str, set[str]]:
+    """Each library module (top level, and harness/ as harness.NAME) -> the library modules
+    it imports, read from its source."""
     import ast
 
-    modules = {p.stem: p for p in ROOT.glob("*.py")}
+    paths = {p.stem: p for p in ROOT.glob("*.py")}
+    paths |= {f"harness.{p.stem}": p for p in (ROOT / "harness").glob("*.py") if p.stem != "__init__"}
     graph = {}
-    for name, path in modules.items():
+    for name, path in paths.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                found |= {a.name.split(".")[0] for a in node.names}
+                found |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
-                found.add(node.module.split(".")[0])
-        graph[name] = found & set(modules) - {name}
+                found.add(node.module)
+                found |= {f"{node.module}.{a.name}" for a in node.names}  # from harness import cli
+        graph[name] = found & set(paths) - {name}
+    return graph
+
+
+def test_imports_flow_one_way():
+    """No module imports sdpg.py; nothing in harness/ and nothing on the SDPG path
+    (losses, rollout, verifier, config) imports the baselines; no two modules import each
+    other, even indirectly, across the package boundary too."""
+    graph = import_graph()
+    assert {"sdpg", "baselines", "harness.cli", "harness.session"} <= set(graph)
     assert not [m for m, deps in graph.items() if "sdpg" in deps]
+    assert not [m for m, deps in graph.items() if "baselines" in deps and m != "sdpg"]
+    assert not [m for m, deps in graph.items() if "harness.session" in deps and m != "sdpg"]
 
     def reaches(start, target, seen=()):
         return any(d == target or (d not in seen and reaches(d, target, (*seen, d))) for d in graph[start])
 
     assert not [m for m in graph if reaches(m, m)], graph
+    assert not reaches("losses", "harness.cli") and not reaches("rollout", "harness.data")
+
+
+def test_the_top_level_is_the_tutorial():
+    """What a learner reads stays small and names no algorithm in the math: at most six
+    modules, sdpg.py within 300 lines, 2,200 together; the whole step (both loops,
+    backward, the optimizer step) in sdpg_step's own source; one frozen configuration;
+    argparse in the command-line module only."""
+    import inspect
+
+    top = sorted(ROOT.glob("*.py"))
+    lines = {p.name: len(p.read_text().splitlines()) for p in top}
+    assert len(top) <= 6 and lines["sdpg.py"] <= 300 and sum(lines.values()) <= 2200, lines
+    for name in ("losses.py", "rollout.py"):
+        assert not re.search(r'\balgo\b|"(opsd|rlsd|opd|grpo)"', (ROOT / name).read_text()), name
+    step = inspect.getsource(sdpg.sdpg_step)
+    for part in ("for _ in range(cfg.ppo_epochs)", "for s in range(start, end, cfg.micro_batch)",
+                 ".backward()", "clip_grad_norm_", "optimizer.step()"):  # fmt: skip
+        assert part in step, part
+    library = [*top, *(ROOT / "harness").glob("*.py")]
+    frozen = [p.name for p in library if "@dataclass(frozen=True)" in p.read_text()]
+    assert frozen == ["config.py"]
+    uses = [p.name for p in library if re.search(r"^import argparse", p.read_text(), re.M)]
+    assert uses == ["cli.py"]
 
 
 def test_every_name_in_the_paper_to_code_map_exists():

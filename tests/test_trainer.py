@@ -7,23 +7,43 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import load_small_policy, small_args
+from conftest import SMALL_RUN, load_small_policy, small_args
 from transformers import AutoModelForCausalLM
 
-import cli
+import baselines
 import sdpg
-from data import arithmetic_split, with_wrong_answers
-from policy import EmaWeights, Optimizer, resolve_model_path
-from rollout import response_logprobs, rollout
-from tiny_model import TINY_VERSION, WARM_START_STEPS
-from verifier import reward
+from config import WARM_START_STEPS
+from harness import cli, evaluation
+from harness.data import arithmetic_split, with_wrong_answers
+from harness.loading import resolve_model_path
+from harness.optim import Optimizer
+from harness.tiny_model import TINY_VERSION
+from losses import loss_normalizer
+from rollout import EmaWeights, response_logprobs, rollout
+from verifier import Verdict, reward
 
 EXAMPLES = arithmetic_split(4, "train", seed=1)
 
 
-def varied_reward(completion: str, gold: str) -> float:
-    """A random model is never right; this reward still splits every group."""
-    return float(len(completion) % 2)
+def varied_reward(completion: str, gold: str) -> Verdict:
+    """A random model is never right; this verdict still splits every group."""
+    return Verdict(float(len(completion) % 2), None, "none", "")
+
+
+def accumulate(policy, batch, cfg, beta, adv, ref_logp=None, old_logp=None):
+    """Stage 4 of sdpg_step on a given batch: each micro-batch's loss (teacher, then
+    student) and backward, the mini-batch's token-mean; returns the summed loss."""
+    batch.advantages, batch.ref_logp, batch.old_logp = adv, ref_logp, old_logp
+    mask = batch.response_mask
+    normalizer, tokens, total = loss_normalizer(mask, cfg.loss_agg), max(1.0, float(mask.sum())), 0.0
+    for s in range(0, mask.shape[0], cfg.micro_batch):
+        mb = batch.rows(slice(s, s + cfg.micro_batch))
+        distill = beta > 0 or cfg.outcome_weight == 0
+        teacher_h, wrong_h = sdpg.teacher_hidden(policy, mb, cfg) if distill else (None, None)
+        loss, metrics = sdpg.micro_batch_loss(policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens)
+        loss.backward()
+        total += metrics["loss"]
+    return total
 
 
 def make_args(tiny_path, *extra: str):
@@ -42,9 +62,10 @@ def run_steps(args, n=2, reward_fn=varied_reward):
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     before = split_params(policy.model)
     metrics = []
+    step_fn = baselines.baseline_step if args.algo in ("opsd", "rlsd") else sdpg.sdpg_step
     for step in range(n):
         examples = EXAMPLES[2 * step : 2 * step + 2]
-        metrics.append(sdpg.sdpg_step(policy, optimizer, examples, step, cli.config(args), reward_fn)[0])
+        metrics.append(step_fn(policy, optimizer, examples, step, args, reward_fn)[0])
     return policy.model, policy.tokenizer, before, metrics
 
 
@@ -197,8 +218,7 @@ def test_gradient_equals_independent_full_logits_loss(
         )
     model.zero_grad()
     ref = ref_logp if alpha else None
-    scores = sdpg.Scores(adv, beta=beta, ref_logp=ref, old_logp=old_logp)
-    metrics = sdpg.backward_batch(policy, batch, scores, cli.config(args), {})
+    loss = accumulate(policy, batch, args, beta, adv, ref, old_logp)
     ours = grads_of(model)
     model.zero_grad()
     outcome = 0.0 if algo == "opd" else 1.0
@@ -207,12 +227,14 @@ def test_gradient_equals_independent_full_logits_loss(
     )
     expected.backward()
     theirs = grads_of(model)
-    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert loss == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert set(ours) == set(theirs) and all("lora_" in n for n in ours)
     for n in ours:
         torch.testing.assert_close(ours[n].double(), theirs[n].double(), rtol=1e-4, atol=1e-7)
-    if off_policy:
-        assert 0 < metrics["clipfrac"] < 1 and metrics["clipfrac_lower"] > 0
+    if off_policy:  # every clip region, the dual clip included, is visited
+        batch.old_logp = old_logp
+        _, m = sdpg.micro_batch_loss(policy, batch, args, 0.0, None, None, None, 1.0)
+        assert 0 < m["clipfrac"] < 1 and m["clipfrac_lower"] > 0
 
 
 def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
@@ -233,7 +255,7 @@ def test_teacher_pass_carries_no_gradient(tiny_path, monkeypatch):
         return h
 
     monkeypatch.setattr(sdpg, "response_hidden", spy)
-    sdpg.backward_batch(policy, batch, sdpg.Scores(torch.ones(8), beta=0.5), cli.config(args), {})
+    accumulate(policy, batch, args, 0.5, torch.ones(8))
     teacher = [g for is_teacher, g in seen if is_teacher]
     student = [g for is_teacher, g in seen if not is_teacher]
     assert teacher and not any(teacher) and student and all(student)
@@ -250,9 +272,9 @@ def test_gradient_accumulation_is_micro_batch_invariant(tiny_path):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
     grads = []
     for micro in (8, 1, 3):
-        cfg = cli.config(make_args(tiny_path, "--alpha", "0.1", "--micro-batch", str(micro)))
+        cfg = make_args(tiny_path, "--alpha", "0.1", "--micro-batch", str(micro))
         model.zero_grad()
-        sdpg.backward_batch(policy, batch, sdpg.Scores(adv, beta=cfg.beta, ref_logp=ref_logp), cfg, {})
+        accumulate(policy, batch, cfg, cfg.beta, adv, ref_logp)
         grads.append(grads_of(model))
     for other in grads[1:]:
         for n in grads[0]:
@@ -286,10 +308,10 @@ def test_help_lists_every_flag_with_its_default():
             assert f"(default: {tiny} for tiny, {small} for smollm2-135m/.gguf, else {hub})" in flat, (
                 action.dest
             )
-        elif action.default is None:
-            assert "(default: " in action.help, action.dest
-        else:
-            assert f"(default: {' '.join(str(action.default).split())})" in flat, action.dest
+        elif cli.DEFAULTS[action.dest] in (None, ()):
+            assert "(default: " in action.help or action.dest == "context_candidates", action.dest
+        elif "(default: " not in action.help:  # else it says its own
+            assert f"(default: {' '.join(str(cli.DEFAULTS[action.dest]).split())})" in flat, action.dest
 
 
 @pytest.mark.parametrize(
@@ -390,7 +412,7 @@ def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
     optimizer = Optimizer(model.parameters(), args.lr, args.weight_decay)
     for step in range(2):
         examples = EXAMPLES[2 * step : 2 * step + 2]
-        m = sdpg.sdpg_step(policy, optimizer, examples, step, cli.config(args), varied_reward)[0]
+        m = sdpg.sdpg_step(policy, optimizer, examples, step, args, varied_reward)[0]
         assert m["skipped_step"] == 0.0 and m["ref_kl"] >= 0
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
     assert all(torch.equal(ref_before[n], p) for n, p in reference.named_parameters())
@@ -400,7 +422,7 @@ def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
 
 
 def resolved(*argv):
-    return cli.resolve(cli.build_parser().parse_args(list(argv)))
+    return cli.parse(cli.given_flags(list(argv)))
 
 
 def test_explicit_flags_are_never_overridden():
@@ -434,14 +456,12 @@ def test_mini_batches_step_from_the_rollouts_old_logprobs(tiny_path, monkeypatch
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
     seen, steps = [], []
-    real_loss, real_step = sdpg.policy_loss, optimizer.clip_and_step
+    real_loss, real_step = sdpg.sdpg_loss, optimizer.step
     monkeypatch.setattr(
-        sdpg,
-        "policy_loss",
-        lambda algo, t, *a, **k: seen.append((t.logp, t.old_logp)) or real_loss(algo, t, *a, **k),
+        sdpg, "sdpg_loss", lambda t, *a, **k: seen.append((t.logp, t.old_logp)) or real_loss(t, *a, **k)
     )
-    monkeypatch.setattr(optimizer, "clip_and_step", lambda c: steps.append(1) or real_step(c))
-    metrics, batch, _ = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
+    monkeypatch.setattr(optimizer, "step", lambda: steps.append(1) or real_step())
+    metrics, batch = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, args, varied_reward)
     assert len(steps) == 4 and metrics["clipfrac"] > 0  # the ratio moved off 1 and was clipped
     with torch.no_grad():  # pi_old, recomputed from the weights before the step
         for n, p in policy.model.named_parameters():
@@ -464,13 +484,13 @@ def test_mini_batch_updates_do_not_depend_on_the_micro_batch(tiny_path, monkeypa
     --micro-batch is. (A tiny lr keeps Adam's sign-like first steps from amplifying float
     noise in the weights the second update starts from.)"""
     grads = []
-    real = Optimizer.clip_and_step
+    real = Optimizer.step
 
-    def capture(self, max_norm):
+    def capture(self):
         grads[-1].append({id(p): p.grad.clone() for p in self.params})
-        return real(self, max_norm)
+        return real(self)
 
-    monkeypatch.setattr(Optimizer, "clip_and_step", capture)
+    monkeypatch.setattr(Optimizer, "step", capture)
     for micro in ("1", "8"):
         grads.append([])
         run_steps(
@@ -527,7 +547,7 @@ def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
         calls.append(len(calls) % 5 == 0)
         return Verdict(float(calls[-1]), "7", "boxed" if len(calls) % 2 else "last number", "")
 
-    result = sdpg.evaluate(policy, EXAMPLES, cli.config(args), every_fifth)
+    result = evaluation.evaluate(policy, EXAMPLES, args, every_fifth)
     n = len(EXAMPLES) * 3
     sampled = torch.tensor(calls[:n], dtype=torch.float64).view(-1, 3)  # the first call
     assert set(result) == {
@@ -567,8 +587,8 @@ def test_evaluation_reads_the_teacher_view_with_the_teachers_weights(tiny_path, 
         seen.setdefault(view, model(probe).logits)
         return rollout(model, *a, view=view, **kw)
 
-    monkeypatch.setattr(sdpg, "rollout", spy)
-    sdpg.evaluate(policy, EXAMPLES[:2], cli.config(args), lambda c, g: Verdict(0.0, None, "none", ""))
+    monkeypatch.setattr(evaluation, "rollout", spy)
+    evaluation.evaluate(policy, EXAMPLES[:2], args, lambda c, g: Verdict(0.0, None, "none", ""))
     torch.testing.assert_close(seen["student"], live)
     torch.testing.assert_close(seen["teacher"], expected)
 
@@ -583,9 +603,9 @@ def test_entropy_bonus_subtracts_coef_times_the_mean_entropy(tiny_path):
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.2, -0.2, 0.0, 0.0])
     losses, grads = [], []
     for coef in ("0", "0.3"):
-        cfg = cli.config(make_args(tiny_path, "--algo", "grpo", "--entropy-coef", coef))
+        cfg = make_args(tiny_path, "--algo", "grpo", "--entropy-coef", coef)
         model.zero_grad()
-        losses.append(sdpg.backward_batch(policy, batch, sdpg.Scores(adv), cfg, {})["loss"])
+        losses.append(accumulate(policy, batch, cfg, 0.0, adv))
         grads.append(grads_of(model))
     model.zero_grad()
     logits = full_logits(model, batch, batch.student_ids, batch.student_mask)  # [B*G, T, V]
@@ -612,7 +632,7 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
     spread_lora_b(model)
     at_start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     seen = []
-    real = sdpg.batched_logprobs
+    real = baselines.batched_logprobs
 
     def spy(m, batch, cfg, view="student", temperature=None):
         out = real(m, batch, cfg, view, temperature)
@@ -620,9 +640,9 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
             seen.append((batch, out))
         return out
 
-    monkeypatch.setattr(sdpg, "batched_logprobs", spy)
+    monkeypatch.setattr(baselines, "batched_logprobs", spy)
     optimizer = Optimizer(model.parameters(), 1e-2, 0.0)
-    sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, cli.config(args), varied_reward)
+    baselines.baseline_step(policy, optimizer, EXAMPLES[:2], 0, args, varied_reward)
     ((batch, teacher_logp),) = seen
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -635,3 +655,38 @@ def test_teacher_logprobs_come_from_each_algorithms_teacher(tiny_path, algo, mon
     expected, other = (reference, live) if algo == "opsd" else (live, reference)
     torch.testing.assert_close(teacher_logp, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(teacher_logp, other, atol=1e-3)
+
+
+def test_each_response_is_verified_once_per_step(tiny_path, tmp_path, monkeypatch):
+    """The verdicts travel with the rollout to the reward, the logged samples and the
+    `answered` metric: a counting verifier sees each of the B*G responses once, through
+    the step and through the whole loop."""
+    args = make_args(tiny_path)
+    policy = load_small_policy(args)
+    calls = []
+
+    def counting(completion, gold):
+        calls.append(completion)
+        return varied_reward(completion, gold)
+
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    _, batch = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, args, counting)
+    assert calls == batch.completions and len(calls) == 2 * args.num_generations
+    calls.clear()
+    from harness import session
+
+    monkeypatch.setattr(session, "make_verifier", lambda *a: counting)
+    monkeypatch.setattr(sdpg, "evaluate", lambda *a: {"eval_greedy": 0.0})  # evaluation verifies its own
+    argv = [
+        "--model",
+        str(tiny_path),
+        *SMALL_RUN,
+        "--check-size",
+        "0",
+        "--context-template",
+        "authors",
+        "--steps",
+        "1",
+    ]
+    assert sdpg.main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    assert len(calls) == 2 * args.num_generations

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from errors import UsageError
+from harness.errors import UsageError
 from verifier import answer_format, extract_answer, make_reward_fn, normalize, reward, to_number, verify
 
 # (completion, expected extracted answer, expected method)

@@ -21,12 +21,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from cache import cache_root, filled_once
-from data import Example, arithmetic_split, encode, prompt_texts
+from config import WARM_START_STEPS
+from harness.cache import cache_root, filled_once
+from harness.data import arithmetic_split
+from rollout import Example, encode, prompt_texts
 
 EOS = "<|endoftext|>"
 TINY_VERSION = "v4"  # bump when the recipe changes, so caches rebuild
-WARM_START_STEPS = 800
 QWEN2_PRETOKENIZE_REGEX = (  # transformers' Qwen2Tokenizer uses this exact pattern
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""

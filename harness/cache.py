@@ -29,7 +29,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from errors import UsageError
+from harness.errors import UsageError
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

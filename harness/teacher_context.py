@@ -27,13 +27,12 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import data
-from cli import Config, ContextSettings
-from policy import Policy, teacher_role
-from rollout import rollout
+from config import Config
+from harness import data
+from rollout import Example, Policy, rollout, teacher_role, with_context
 from verifier import Verdict
 
-Splits = tuple[list[data.Example], list[data.Example]]  # (train, eval)
+Splits = tuple[list[Example], list[Example]]  # (train, eval)
 Verifier = Callable[[str, str], Verdict]
 
 ROWS = 256  # responses per generate call, as in evaluation
@@ -54,13 +53,13 @@ class ViewStats:
         return f"  {name:<12} {100 * self.accuracy:7.1f}% {self.length:12.1f} {100 * self.truncated:10.1f}%"
 
 
-def check_sample(train: list[data.Example], size: int, seed: int) -> list[data.Example]:
+def check_sample(train: list[Example], size: int, seed: int) -> list[Example]:
     """A fixed sample of `size` training questions (the check never reads held-out ones)."""
     return random.Random(seed * 7919 + 17).sample(train, min(size, len(train)))
 
 
 def greedy_stats(
-    policy: Policy, examples: list[data.Example], view: str, cfg: Config, verifier: Verifier
+    policy: Policy, examples: list[Example], view: str, cfg: Config, verifier: Verifier
 ) -> ViewStats:
     """Greedy answers of the student view, or of the teacher view read by the run's
     --teacher weights, scored by the verifier."""
@@ -77,12 +76,12 @@ def greedy_stats(
 
 
 def choose_template(
-    candidates: dict[str, str], sample: list[data.Example], score: Callable[[list[data.Example]], ViewStats]
+    candidates: dict[str, str], sample: list[Example], score: Callable[[list[Example]], ViewStats]
 ) -> tuple[str, dict[str, ViewStats]]:
     """(the chosen name, every candidate's teacher-view stats): most questions right, ties
     broken by the shorter answers, then by the order given. `score` greedy-decodes the
     teacher view of examples rewritten with one candidate."""
-    stats = {name: score([data.with_context(e, text) for e in sample]) for name, text in candidates.items()}
+    stats = {name: score([with_context(e, text) for e in sample]) for name, text in candidates.items()}
     order = list(candidates)
     best = min(
         order, key=lambda n: (-round(stats[n].accuracy * len(sample)), stats[n].length, order.index(n))
@@ -127,7 +126,6 @@ def metrics(student: ViewStats, teacher: ViewStats) -> dict[str, float]:
 def settle(
     policy: Policy,
     splits: Splits,
-    settings: ContextSettings,
     cfg: Config,
     verifier: Verifier,
     saved_template: str | None,
@@ -139,20 +137,19 @@ def settle(
     `auto` chooses on training questions; the caller records the chosen text in the run's
     arguments, so a resumed run passes it back as `saved_template` and nothing is
     chosen again. `check`: False when resuming or only evaluating (not a step 0)."""
-    template, check_metrics = settings.template, {}
+    template, check_metrics = cfg.context_template, {}
     if saved_template is not None:
         template = saved_template
-    elif settings.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
+    elif cfg.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
         template = data.CONTEXT_TEMPLATE if template == "auto" else template  # eval's teacher column
     elif check or template == "auto":  # auto chooses even for an evaluation, but logs no check
-        template, check_metrics = checked(policy, splits[0], settings, cfg, verifier, report=check)
-    return template, rewrite(splits, template, policy.tokenizer, settings.max_prompt_length), check_metrics
+        template, check_metrics = checked(policy, splits[0], cfg, verifier, report=check)
+    return template, rewrite(splits, template, policy.tokenizer, cfg.max_prompt_length), check_metrics
 
 
 def checked(
     policy: Policy,
-    train: list[data.Example],
-    settings: ContextSettings,
+    train: list[Example],
     cfg: Config,
     verifier: Verifier,
     *,
@@ -160,17 +157,17 @@ def checked(
 ) -> tuple[str, dict[str, float]]:
     """(the template, chosen first when `auto`; the check's metrics, {} unless `report`):
     both views answer the check sample greedily; `report` prints the table and warnings."""
-    sample = check_sample(train, settings.check_size, settings.seed)
+    sample = check_sample(train, cfg.check_size, cfg.seed)
 
-    def score(examples: list[data.Example], view: str = "teacher") -> ViewStats:
+    def score(examples: list[Example], view: str = "teacher") -> ViewStats:
         return greedy_stats(policy, examples, view, cfg, verifier)
 
     student = score(sample, "student")
-    template = settings.template
+    template = cfg.context_template
     if template == "auto":
-        template, teacher = choose(sample, list(settings.candidates), student, score)
+        template, teacher = choose(sample, list(cfg.context_candidates), student, score)
     else:
-        teacher = score([data.with_context(e, template) for e in sample])
+        teacher = score([with_context(e, template) for e in sample])
     if not report:
         return template, {}
     print(
@@ -182,7 +179,7 @@ def checked(
 
 
 def choose(
-    sample: list[data.Example], extra: list[str], student: ViewStats, score: Callable[..., ViewStats]
+    sample: list[Example], extra: list[str], student: ViewStats, score: Callable[..., ViewStats]
 ) -> tuple[str, ViewStats]:
     """`--context-template auto`: (the chosen text, its teacher-view stats); prints every
     candidate's row and the choice."""
@@ -202,7 +199,7 @@ def rewrite(splits: Splits, template: str, tokenizer, max_prompt_length: int) ->
     fit --max-prompt-length dropped (with a count)."""
     return tuple(
         data.drop_long_prompts(
-            [data.with_context(e, template) for e in examples], tokenizer, max_prompt_length, name
+            [with_context(e, template) for e in examples], tokenizer, max_prompt_length, name
         )
         for examples, name in zip(splits, ("train", "eval"), strict=True)
     )

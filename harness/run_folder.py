@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 
-from errors import UsageError
+from harness.errors import UsageError
 
 # Arguments that must match to continue a run: anything else may change on resume.
 IDENTITY = (

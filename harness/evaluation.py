@@ -1,0 +1,81 @@
+"""Held-out evaluation: how well the student answers, and whether the teacher still knows more.
+
+mean@k and pass@k of k samples at the training temperature, greedy accuracy, and the
+teacher view's greedy accuracy (read by the run's --teacher weights), with lengths and
+the share cut off before EOS.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from config import Config
+from rollout import Policy, rollout, teacher_role
+
+EVAL_ROWS = 256  # responses per generate call in evaluation: bounds the KV cache with k = 32
+EXPLICIT_ANSWERS = ("boxed", "####", "answer is")  # verifier methods that are a stated answer
+
+
+@torch.no_grad()
+def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str, float]:
+    """Held-out accuracy: mean@k and pass@k (k samples at the training temperature; pass@k
+    is the share of prompts with at least one right answer), greedy accuracy, and the
+    teacher's greedy accuracy on its view (the --teacher weights), to see whether the
+    teacher still knows more than the student, with its mean length and share cut off
+    (the style it pulls toward). Of the k samples also: the share that state a final
+    answer explicitly (answered: boxed, '####' or 'the answer is', not only a last
+    number), their mean length in tokens, and the share cut off before EOS."""
+    k = cfg.eval_samples
+    settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
+    settings.append(("teacher_greedy", 0.0, 1, "teacher"))
+    scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
+    answered, lengths, truncated, teacher_lengths, teacher_truncated = [], [], [], [], []
+    per_call = max(1, EVAL_ROWS // k)
+    for s in range(0, len(examples), per_call):
+        chunk = examples[s : s + per_call]
+        for name, temperature, n, view in settings:
+            # the teacher view is read by the weights the run's teacher uses (--teacher)
+            role = teacher_role(policy, cfg.teacher) if view == "teacher" else nullcontext(policy.model)
+            with role as model:
+                b = rollout(
+                    model,
+                    policy.tokenizer,
+                    chunk,
+                    n,
+                    cfg.max_new_tokens,
+                    temperature,
+                    cfg.top_p,
+                    cfg.seed + s,
+                    view=view,
+                )
+            verdicts = [verifier(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
+            scores[name] += [v.reward for v in verdicts]
+            if name == "sampled":
+                answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
+                lengths += b.response_mask.sum(1).tolist()
+                truncated += b.truncated.tolist()
+            if name == "teacher_greedy":  # the style the student is pulled toward
+                teacher_lengths += b.response_mask.sum(1).tolist()
+                teacher_truncated += b.truncated.tolist()
+    sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
+    return {
+        f"eval_mean@{k}": float(sampled.mean()),
+        f"eval_pass@{k}": float((sampled.amax(1) == 1).float().mean()),
+        **{f"eval_{name}": sum(v) / len(v) for name, v in scores.items()},
+        "eval_answered": sum(answered) / len(answered),
+        "eval_truncated": sum(truncated) / len(truncated),
+        "eval_response_len": sum(lengths) / len(lengths),
+        "eval_teacher_truncated": sum(teacher_truncated) / len(teacher_truncated),
+        "eval_teacher_len": sum(teacher_lengths) / len(teacher_lengths),
+    }
+
+
+def format_accuracy(evaluation: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k.removeprefix('eval_')} {v:.1f}"
+        if k.endswith("len")
+        else f"{k.removeprefix('eval_')} {100 * v:.1f}%"
+        for k, v in evaluation.items()
+    )
