@@ -89,6 +89,7 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
     #    divided by the whole mini-batch's count, so the summed gradients are those of the
     #    mini-batch mean whatever --micro-batch is.
     lr, updates, teacher_s, student_s = optimizer.lr, [], 0.0, 0.0
+    kl_sums = torch.zeros(len(batch.completions)) if beta > 0 or cfg.outcome_weight == 0 else None  # [B*G]
     rows_per_update = cfg.mini_batch_prompts * cfg.num_generations
     for _ in range(cfg.ppo_epochs):
         for start in range(0, len(batch.completions), rows_per_update):
@@ -98,16 +99,18 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
             optimizer.zero_grad()
             update: dict[str, float] = {}
             for s in range(start, end, cfg.micro_batch):
-                mb = batch.rows(slice(s, min(s + cfg.micro_batch, end)))
-                t1 = clock()
+                rows = slice(s, min(s + cfg.micro_batch, end))
+                mb, t1 = batch.rows(rows), clock()
                 teacher_h = wrong_h = None  # [b, T, H]
                 if beta > 0 or cfg.outcome_weight == 0:
                     teacher_h, wrong_h = teacher_hidden(policy, mb, cfg)
                 t2 = clock()
-                loss, metrics = micro_batch_loss(
+                loss, metrics, kl = micro_batch_loss(
                     policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens
                 )
                 loss.backward()
+                if kl is not None:  # each response's summed distillation KL, on the last pass
+                    kl_sums[rows] = kl.sum(1).cpu()
                 teacher_s, student_s = teacher_s + t2 - t1, student_s + clock() - t2
                 share = float(mb.response_mask.sum()) / tokens
                 for k, v in metrics.items():  # the loss is already this micro-batch's share
@@ -123,8 +126,9 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
             update.update(grad_norm=float(norm) if finite else float("nan"), skipped_step=float(not finite))
             updates.append({**update, "skipped_total": optimizer.bad_total})
     optimizer.end_training_step()
-    return step_metrics(batch, rewards, updates, cfg, beta=beta, lr=lr, times=(t0, t_sampled, t_fixed),
-                        teacher_s=teacher_s, student_s=student_s), batch  # fmt: skip
+    metrics = step_metrics(batch, rewards, updates, cfg, beta=beta, lr=lr, times=(t0, t_sampled, t_fixed),
+                           teacher_s=teacher_s, student_s=student_s)  # fmt: skip
+    return {**metrics, **kl_by_group_kind(kl_sums, batch.response_mask, rewards, cfg.num_generations)}, batch
 
 
 def teacher_hidden(policy: Policy, mb: RolloutBatch, cfg: Config):
@@ -144,7 +148,8 @@ def micro_batch_loss(
 ):
     """Stage 4 on one micro-batch: the student's hidden states (with grad), one chunked
     pass over the LM head for log p(y_t), the distillation divergence to the teacher and
-    the entropy, then the SDPG loss: (loss, metrics)."""
+    the entropy, then the SDPG loss: (loss, metrics, the distillation KL per token as it
+    enters the loss [b, T], detached; None without a teacher)."""
     model = policy.model
     student_h = response_hidden(model, mb.student_ids, mb.student_mask, mb.response_ids, mb.response_mask)
     if wrong_h is not None:  # q' ∝ p q_right / q_wrong: the context's style cancels
@@ -168,7 +173,26 @@ def micro_batch_loss(
         bonus = cfg.entropy_coef * (entropy * mask).sum() / tokens
         loss, metrics["loss"] = loss - bonus, metrics["loss"] - float(bonus)
     metrics["entropy"] = float(masked_mean(entropy.detach(), mask))
-    return loss, metrics
+    if teacher_h is None:
+        return loss, metrics, None
+    kl = kl.detach().masked_fill(~mask.bool(), 0.0)  # [b, T]
+    return loss, metrics, kl if cfg.kl_clamp is None else kl.clamp(max=cfg.kl_clamp)
+
+
+def kl_by_group_kind(kl_sums, mask, rewards, group_size: int) -> dict[str, float]:
+    """Where the signal comes from: the mean distillation KL per token over the responses
+    of flat groups (equal rewards: zero advantage, no outcome gradient, so only the teacher
+    speaks) and over the others; a kind with no tokens is left out."""
+    if kl_sums is None:
+        return {}
+    groups = rewards.view(-1, group_size)  # [B, G]
+    flat = (groups.amax(1) == groups.amin(1)).repeat_interleave(group_size)  # [B*G]
+    tokens = mask.sum(1).to(kl_sums.dtype)  # [B*G]
+    out = {}
+    for name, rows in (("kl_distill_flat", flat), ("kl_distill_mixed", ~flat)):
+        if tokens[rows].sum() > 0:
+            out[name] = float(kl_sums[rows].sum() / tokens[rows].sum())
+    return out
 
 
 def step_metrics(batch, rewards, updates, cfg: Config, *, beta, lr, times, teacher_s, student_s) -> dict:

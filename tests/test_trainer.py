@@ -40,7 +40,9 @@ def accumulate(policy, batch, cfg, beta, adv, ref_logp=None, old_logp=None):
         mb = batch.rows(slice(s, s + cfg.micro_batch))
         distill = beta > 0 or cfg.outcome_weight == 0
         teacher_h, wrong_h = sdpg.teacher_hidden(policy, mb, cfg) if distill else (None, None)
-        loss, metrics = sdpg.micro_batch_loss(policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens)
+        loss, metrics, _ = sdpg.micro_batch_loss(
+            policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens
+        )
         loss.backward()
         total += metrics["loss"]
     return total
@@ -233,7 +235,7 @@ def test_gradient_equals_independent_full_logits_loss(
         torch.testing.assert_close(ours[n].double(), theirs[n].double(), rtol=1e-4, atol=1e-7)
     if off_policy:  # every clip region, the dual clip included, is visited
         batch.old_logp = old_logp
-        _, m = sdpg.micro_batch_loss(policy, batch, args, 0.0, None, None, None, 1.0)
+        _, m, _ = sdpg.micro_batch_loss(policy, batch, args, 0.0, None, None, None, 1.0)
         assert 0 < m["clipfrac"] < 1 and m["clipfrac_lower"] > 0
 
 
@@ -690,3 +692,33 @@ def test_each_response_is_verified_once_per_step(tiny_path, tmp_path, monkeypatc
     ]
     assert sdpg.main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
     assert len(calls) == 2 * args.num_generations
+
+
+def test_distillation_kl_split_by_flat_and_mixed_groups_by_hand():
+    """B = 2 groups of G = 3: the first flat (rewards 1, 1, 1), the second mixed; the mean KL
+    per token of each kind, counted by hand."""
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    kl_sums = torch.tensor([0.4, 0.1, 0.6, 2.0, 0.5, 0.3])
+    got = sdpg.kl_by_group_kind(kl_sums, mask, rewards, 3)
+    assert got == pytest.approx({"kl_distill_flat": 1.1 / 6, "kl_distill_mixed": 2.8 / 6})
+    only_flat = sdpg.kl_by_group_kind(kl_sums[:3], mask[:3], rewards[:3], 3)
+    assert only_flat == pytest.approx({"kl_distill_flat": 1.1 / 6})
+    assert sdpg.kl_by_group_kind(None, mask, rewards, 3) == {}
+
+
+def test_a_step_logs_the_kl_of_flat_and_mixed_groups_that_make_up_kl_distill(tiny_path):
+    """One update per rollout: the token-weighted mean of the two kinds is kl_distill."""
+    args = make_args(tiny_path, "--beta", "0.5")
+    policy = load_small_policy(args)
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    all_wrong = lambda c, g: Verdict(0.0, None, "none", "")  # noqa: E731 (every group flat)
+    for verifier in (all_wrong, varied_reward):
+        m, batch = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, args, verifier)
+        rewards = torch.tensor([v.reward for v in batch.verdicts]).view(2, -1)
+        flat = (rewards.amax(1) == rewards.amin(1)).repeat_interleave(rewards.shape[1])
+        tokens = batch.response_mask.sum(1).double()
+        kinds = (("kl_distill_flat", flat), ("kl_distill_mixed", ~flat))
+        parts = [(m[k], tokens[rows].sum()) for k, rows in kinds if k in m]
+        assert len(parts) == int(flat.any()) + int((~flat).any())
+        assert sum(v * n for v, n in parts) / tokens.sum() == pytest.approx(m["kl_distill"], rel=1e-5)
