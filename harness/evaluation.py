@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from config import Config
+from harness.teacher_context import MARGIN
 from rollout import Policy, rollout, teacher_role
 
 EVAL_ROWS = 256  # responses per generate call in evaluation: bounds the KV cache with k = 32
@@ -78,4 +79,22 @@ def format_accuracy(evaluation: dict[str, float]) -> str:
         if k.endswith("len")
         else f"{k.removeprefix('eval_')} {100 * v:.1f}%"
         for k, v in evaluation.items()
+    )
+
+
+def drift_warning(evaluation: dict[str, float]) -> str | None:
+    """The warning line when the teacher view no longer answers held-out questions better
+    than the student by the teacher check's margin (greedy, both views); else None. The
+    live teacher is made of the weights being trained, so what it knows can erode while
+    the student learns; past that point SDPG pulls the student toward a teacher that
+    knows no more than it does."""
+    teacher, student = evaluation["eval_teacher_greedy"], evaluation["eval_greedy"]
+    if teacher >= student + MARGIN:
+        return None
+    return (
+        f"warning: the teacher view is no longer ahead of the student on held-out questions (greedy "
+        f"{100 * teacher:.1f}% vs {100 * student:.1f}%, {100 * (teacher - student):+.1f} points; SDPG needs "
+        f"{100 * MARGIN:.0f}): distillation now pulls toward a teacher that knows no more. Options: "
+        "--teacher initial (the frozen initial model reads the context), --teacher ema (a slow average), "
+        "or a context that tells the teacher more (a worked solution). Printed once per run."
     )

@@ -393,27 +393,47 @@ def truncate_logs(out_dir: Path, step: int) -> None:
 
 
 def plot_curves(out_dir: Path) -> None:
-    """curves.png: training reward, held-out accuracy and KLs against the step."""
+    """curves.png: training reward and held-out accuracy; the teacher view against the
+    student on held-out questions (greedy accuracy, with both lengths on their own axis);
+    the distillation KL (all responses, flat groups, mixed groups); the reference KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(out_dir)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     train = [r for r in rows if "reward" in r]
-    axes[0].plot([r["step"] for r in train], [r["reward"] for r in train], label="train reward")
-    for key in [k for k in rows[-1] if k.startswith("eval_")] if rows else []:
-        ev = [r for r in rows if key in r]
-        axes[0].plot([r["step"] for r in ev], [r[key] for r in ev], marker="o", label=key)
+
+    def line(ax, key, source, **style):
+        pts = [r for r in source if key in r]
+        if pts:
+            ax.plot([r["step"] for r in pts], [r[key] for r in pts], label=key, **style)
+
+    line(axes[0], "reward", train)
+    accuracies = [k for k in (rows[-1] if rows else {}) if k.startswith(("eval_mean@", "eval_pass@"))]
+    for key in accuracies:
+        line(axes[0], key, rows, marker="o")
     axes[0].set_ylim(0, 1)
-    for ax, key in ((axes[1], "kl_distill"), (axes[2], "ref_kl")):
-        pts = [r for r in train if key in r]
-        ax.plot([r["step"] for r in pts], [r[key] for r in pts])
-        ax.set_title(key)
-    axes[0].legend(fontsize=7)
+    axes[0].set_title("reward, held-out accuracy")
+    for key in ("eval_greedy", "eval_teacher_greedy"):
+        line(axes[1], key, rows, marker="o")
+    axes[1].set_ylim(0, 1)
+    axes[1].set_title("held-out greedy: student vs teacher view")
+    lengths = axes[1].twinx()  # tokens, not a share: their own axis
+    for key in ("eval_response_len", "eval_teacher_len"):
+        line(lengths, key, rows, linestyle="--", marker=".")
+    lengths.set_ylabel("mean length (tokens)")
+    lengths.legend(fontsize=7, loc="lower right")
+    for key in ("kl_distill", "kl_distill_flat", "kl_distill_mixed"):
+        line(axes[2], key, train)
+    axes[2].set_title("distillation KL per token")
+    line(axes[3], "ref_kl", train)
+    axes[3].set_title("ref_kl")
     for ax in axes:
         ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out_dir / "curves.png", dpi=90)
     plt.close(fig)

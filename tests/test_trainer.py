@@ -678,7 +678,8 @@ def test_each_response_is_verified_once_per_step(tiny_path, tmp_path, monkeypatc
     from harness import session
 
     monkeypatch.setattr(session, "make_verifier", lambda *a: counting)
-    monkeypatch.setattr(sdpg, "evaluate", lambda *a: {"eval_greedy": 0.0})  # evaluation verifies its own
+    stub = {"eval_greedy": 0.0, "eval_teacher_greedy": 1.0}  # evaluation verifies its own answers
+    monkeypatch.setattr(sdpg, "evaluate", lambda *a: stub)
     argv = [
         "--model",
         str(tiny_path),
@@ -722,3 +723,31 @@ def test_a_step_logs_the_kl_of_flat_and_mixed_groups_that_make_up_kl_distill(tin
         parts = [(m[k], tokens[rows].sum()) for k, rows in kinds if k in m]
         assert len(parts) == int(flat.any()) + int((~flat).any())
         assert sum(v * n for v, n in parts) / tokens.sum() == pytest.approx(m["kl_distill"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "algo, teacher_then_student, warnings",
+    [
+        ("sdpg", [(0.9, 0.1), (0.9, 0.5), (0.55, 0.5), (0.4, 0.7), (0.9, 0.1)], 1),  # falls behind at step 2
+        ("sdpg", [(0.9, 0.1), (0.9, 0.5), (0.8, 0.7), (0.9, 0.8), (0.9, 0.7)], 0),  # stays 10 points ahead
+        ("grpo", [(0.9, 0.1), (0.3, 0.5), (0.3, 0.7), (0.3, 0.7), (0.3, 0.7)], 0),  # no teacher to follow
+    ],
+)
+def test_the_teacher_drift_warning_fires_once_when_the_teacher_falls_behind(
+    tiny_path, tmp_path, monkeypatch, capsys, algo, teacher_then_student, warnings
+):
+    evals = iter(teacher_then_student)
+
+    def stub(*a):
+        teacher, student = next(evals)
+        return {"eval_greedy": student, "eval_teacher_greedy": teacher}
+
+    monkeypatch.setattr(sdpg, "evaluate", stub)
+    argv = ["--model", str(tiny_path), *SMALL_RUN, "--context-template", "authors", "--algo", algo]
+    argv += ["--steps", "4", "--eval-every", "1", "--output-dir", str(tmp_path / "run")]
+    assert sdpg.main(argv) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if "teacher view is no longer ahead" in x]
+    assert len(lines) == warnings
+    if warnings:
+        assert "greedy 55.0% vs 50.0%, +5.0 points; SDPG needs 10" in lines[0]
+        assert "--teacher initial" in lines[0] and "--teacher ema" in lines[0]
