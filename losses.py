@@ -10,8 +10,11 @@ three signals, summed per response token t of response i and averaged over token
 - A_i = (R_i - mean_G R) / (std_G R + eps) is the group-normalised advantage.
 - p_t = pi_theta(. | x, y<t) is the student, q_t = pi_theta(. | c, x, y<t) is the same
   model shown the privileged context c (the teacher); SG = stop-gradient.
-- g_i = 1[A_i > 0] when the positive-advantage gate is on, else 1.
-- log w_t = log pi_theta(y_t) - log pi_ref(y_t) on the sampled token only.
+- g_i = 1[A_i > 0] when the positive-advantage gate is on, else 1 (the default).
+- beta(k) = beta, constant by default (as the authors' script); `beta_schedule` adds an
+  optional linear warm-up and decay.
+- log w_t = log pi_theta(y_t) - log pi_ref(y_t) on the sampled token only; f is one of
+  `reference_kl`'s modes (urkl by default).
 
 With beta = alpha = 0 this is exactly GRPO/DAPO; with w_pg = 0 it is pure
 self-distillation. The KL is exact over the whole vocabulary. `chunked_kl` computes it
@@ -116,12 +119,21 @@ def clipped_policy_loss(
 
 
 def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
-    """The alpha anchor f(log w) per sampled token, log w = logp - ref_logp.
+    """The alpha anchor f(log w) per sampled token, log w = logp - ref_logp, y ~ pi_theta.
 
-    fkl  = 1/w = pi_ref / pi_theta      (k3-style forward-KL estimator, no constant)
-    rkl  = 1/2 (log w + 1)^2
-    ufkl = 1/w + log w                  (unbiased forward KL up to a constant)
-    urkl = 1/2 (log w)^2                (default; d/dlogp = log w)
+    The gradient flows through logp only, so the loss's gradient is f'(log w) grad log
+    pi_theta(y), whose expectation over y ~ pi_theta is (tests/test_losses.py):
+
+        mode   f(log w)            f'(log w)     E[gradient]                E[f]
+        fkl    1/w                 -1/w          grad KL(pi_ref || pi_theta)  1
+        ufkl   1/w + log w         1 - 1/w       grad KL(pi_ref || pi_theta)  1 + KL(pi_theta || pi_ref)
+        rkl    1/2 (log w + 1)^2   log w + 1     grad KL(pi_theta || pi_ref)  -
+        urkl   1/2 (log w)^2       log w         grad KL(pi_theta || pi_ref)  ~ KL(pi_theta || pi_ref)
+                                                                             near w = 1 (k2; the default)
+
+    So fkl and ufkl pull toward the reference as a forward KL would, rkl and urkl as the
+    reverse KL; the values are not KLs (fkl reads 1, rkl 1/2 when pi_theta = pi_ref).
+    What is logged as ref_kl is `k3` below, an unbiased estimate of KL(pi_theta || pi_ref).
     """
     if mode not in KL_MODES:
         raise ValueError(f"unknown kl mode {mode!r}: choose one of {', '.join(KL_MODES)}")
@@ -135,13 +147,21 @@ def reference_kl(logp: Tensor, ref_logp: Tensor, mode: str) -> Tensor:
     return 0.5 * log_w**2
 
 
+def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """1/w - 1 + log w per sampled token (Schulman's k3 = ufkl - 1): >= 0, 0 where
+    pi_theta = pi_ref, and E over y ~ pi_theta is exactly KL(pi_theta || pi_ref)."""
+    log_w = logp - ref_logp
+    return torch.exp(-log_w) - 1.0 + log_w
+
+
 def beta_schedule(
     step: int, total_steps: int, beta: float, warmup_steps: int = 0, decay_steps: int = 0
 ) -> float:
     """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay).
 
-    Linear warm-up over the first T_warm steps and linear decay to 0 over the last
-    T_decay steps; a factor whose length is 0 is left out. Never negative.
+    Optional (both lengths 0 by default: beta(k) = beta). Linear warm-up over the first
+    T_warm steps and linear decay to 0 over the last T_decay steps; a factor whose length
+    is 0 is left out. Never negative.
     """
     factor = 1.0
     if warmup_steps > 0:
@@ -569,7 +589,8 @@ def sdpg_loss(
         lp, rlp = t.logp.masked_fill(pad, 0.0), t.ref_logp.masked_fill(pad, 0.0)  # [B, T]
         anchor = reference_kl(lp, rlp, s.kl_mode).masked_fill(pad, 0.0)
         per_token = per_token + s.alpha * anchor
-        metrics["ref_kl"] = float(masked_mean(anchor.detach(), mask))
+        metrics["anchor"] = float(masked_mean(anchor.detach(), mask))  # f(log w): not a KL
+        metrics["ref_kl"] = float(masked_mean(k3(lp.detach(), rlp), mask))  # KL(pi_theta || pi_ref)
     loss = aggregate(per_token, mask, s.loss_agg, normalizer)
     metrics.update({k: float(v) for k, v in stats.items()})
     metrics["loss"] = float(loss.detach())

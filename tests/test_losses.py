@@ -764,3 +764,38 @@ def test_rlsd_lambda_decays_linearly_to_zero():
     assert rlsd_lambda(25, 0.5, 50) == pytest.approx(0.25)
     assert rlsd_lambda(50, 0.5, 50) == 0.0 and rlsd_lambda(80, 0.5, 50) == 0.0
     assert rlsd_lambda(80, 0.5, 0) == 0.5  # K = 0: constant
+
+
+def test_what_each_anchor_mode_estimates_in_expectation_over_the_policy():
+    """Exactly, over a 6-token vocabulary in float64: E_{y ~ pi_theta}[f'(log w) grad log
+    pi_theta(y)] is grad KL(pi_ref || pi_theta) for fkl and ufkl and grad KL(pi_theta ||
+    pi_ref) for rkl and urkl; E[fkl] = 1, E[ufkl] = 1 + KL(pi_theta || pi_ref), E[k3] = KL."""
+    from losses import k3
+
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(6, generator=g, dtype=D).requires_grad_()
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=D), 0)
+    logp = torch.log_softmax(z, 0)
+    p = logp.exp().detach()
+    reverse = (logp.exp() * (logp - ref)).sum()  # KL(pi_theta || pi_ref)
+    forward = (ref.exp() * (ref - logp)).sum()  # KL(pi_ref || pi_theta)
+    grads = {name: torch.autograd.grad(kl, z, retain_graph=True)[0] for name, kl in
+             (("reverse", reverse), ("forward", forward))}  # fmt: skip
+    for mode, target in (("fkl", "forward"), ("ufkl", "forward"), ("rkl", "reverse"), ("urkl", "reverse")):
+        per_token = reference_kl(logp, ref, mode)  # [V]: f at each possible sampled token
+        expected = sum(p[y] * torch.autograd.grad(per_token[y], z, retain_graph=True)[0] for y in range(6))
+        torch.testing.assert_close(expected, grads[target], rtol=1e-10, atol=1e-12)
+    value = lambda mode: float((p * reference_kl(logp, ref, mode)).sum())  # noqa: E731
+    assert value("fkl") == pytest.approx(1.0, rel=1e-12)
+    assert value("ufkl") == pytest.approx(1.0 + reverse.item(), rel=1e-12)
+    assert float((p * k3(logp, ref)).sum()) == pytest.approx(reverse.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fkl", "rkl", "ufkl", "urkl"])
+def test_logged_ref_kl_reads_zero_when_the_policy_is_the_reference(mode):
+    lp = torch.tensor([[-1.0, -0.5, -2.0]], dtype=D)
+    mask, adv = torch.ones(1, 3, dtype=D), torch.ones(1, dtype=D)
+    _, same = sdpg_loss(lp, lp, adv, mask, None, lp.clone(), alpha=0.1, kl_mode=mode)
+    assert same["ref_kl"] == 0.0
+    _, moved = sdpg_loss(lp, lp, adv, mask, None, lp + 0.3, alpha=0.1, kl_mode=mode)
+    assert moved["ref_kl"] == pytest.approx(math.exp(0.3) - 1 - 0.3, rel=1e-12)
