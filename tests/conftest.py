@@ -16,14 +16,16 @@ from harness import cli  # noqa: E402
 from harness.loading import load_policy, load_tokenizer  # noqa: E402
 from harness.tiny_model import build_tiny_model  # noqa: E402
 
-# B = 2 prompts x G = 4 samples x at most 6 tokens, 4 held-out prompts, no evals between,
-# a teacher check (and auto) on 8 training questions.
+# B = 2 prompts x G = 4 samples x at most 6 tokens, one update per rollout, 4 held-out
+# prompts, no evals between, a teacher check (and auto) on 8 training questions.
 SMALL_RUN = [
     "--data",
     "arithmetic",
     "--num-generations",
     "4",
     "--batch-prompts",
+    "2",
+    "--mini-batch-prompts",
     "2",
     "--max-new-tokens",
     "6",
