@@ -1,23 +1,21 @@
 # %% [markdown]
 # # One SDPG step, in the open
 #
-# This file is a notebook in jupytext's percent format (Jupyter and VS Code open it as
-# cells) and a plain script: `python docs/walkthrough.py` prints every stage of one SDPG
-# update on the tiny offline model, in about 20 seconds on a laptop CPU. Every number comes
-# from the project's own functions, the ones `sdpg.sdpg_step` calls; nothing is copied.
-# The tests run it, so it cannot drift from the code.
+# A notebook in jupytext's percent format (Jupyter and VS Code open it as cells) and a
+# plain script: `python docs/walkthrough.py` runs one whole SDPG step on the default tiny
+# model, the one `python sdpg.py` warm-starts and caches, with the same functions and the
+# same five stages as `sdpg.sdpg_step`, and prints what each stage computes. It takes
+# sdpg.py's flags (`python docs/walkthrough.py --beta 0.5`); the tests run it.
 #
-# The stages follow the paper (and `sdpg.sdpg_step`):
-# 1. sample G responses per prompt from the student view x;
-# 2. score them with the verifier, turn rewards into group advantages;
-# 3. read each response token under the teacher view (c, x) and the student view;
-# 4. the loss: the clipped outcome term, beta times the full-vocabulary KL(p || SG[q]),
-#    alpha times the anchor; backward.
+# 1. sample G responses per prompt from the student view x
+# 2. verify each, rewards -> group advantages
+# 3. log-probs fixed for the step: pi_ref (anchor) and pi_old (ratio)
+# 4. per mini-batch, per micro-batch: the teacher reads (c, x, y<t), the student x, y<t;
+#    the loss; backward
+# 5. clip the gradient, optimizer step; then the same response's log-prob, before and after
 
 # %%
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,16 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import cli, data  # noqa: E402
 from harness.loading import load_policy, load_tokenizer  # noqa: E402
+from harness.optim import Optimizer  # noqa: E402
 from harness.session import quiet_libraries  # noqa: E402
 from losses import (  # noqa: E402
-    Tokens,
     beta_schedule,
     clipped_policy_loss,
     group_advantages,
     kl_from_logits,
-    sdpg_loss,
+    loss_normalizer,
+    masked_mean,
+    reference_kl,
 )
 from rollout import (  # noqa: E402
+    batched_logprobs,
     prompt_texts,
     reference_role,
     response_hidden,
@@ -43,135 +44,126 @@ from rollout import (  # noqa: E402
     rollout,
     score_tokens,
 )
-from verifier import make_verifier  # noqa: E402
+from sdpg import micro_batch_loss, teacher_hidden  # noqa: E402
+from verifier import answer_format, make_verifier  # noqa: E402
 
 quiet_libraries()
-torch.manual_seed(0)
-B, G, STEP = 2, 4, 10  # prompts, samples per prompt, the (0-based) training step we pretend to be at
-cache = os.environ.get("SDPG_CACHE") or tempfile.mkdtemp()  # a short warm start, built once per cache
-argv = ["--cache-dir", cache, "--tiny-warm-start-steps", "120", "--beta", "0.1", "--beta-warmup-steps", "20"]
-cfg = args = cli.parse(cli.given_flags([*argv, "--output-dir", "unused"]))
-path, tokenizer = load_tokenizer(args)  # builds the tiny Qwen2 and warm-starts it on first use
-policy = load_policy(args, path, tokenizer)  # LoRA on: the student; LoRA off: the reference
-model = policy.model
-print(f"tiny Qwen2 with LoRA: vocabulary {len(tokenizer)}, beta {cfg.beta}, alpha {cfg.alpha}")
+# 4 prompts, 2 per mini-batch: two optimizer steps on one rollout, so pi_old matters
+cfg = cli.parse(cli.given_flags(["--batch-prompts", "4", "--mini-batch-prompts", "2", *sys.argv[1:]]))
+path, tokenizer = load_tokenizer(cfg)  # the default run's cached tiny model (built on first use)
+torch.manual_seed(cfg.seed)
+policy = load_policy(cfg, path, tokenizer)  # LoRA on: the student and the teacher; off: the reference
+model, G = policy.model, cfg.num_generations
+optimizer = Optimizer(model.parameters(), cfg.lr, cfg.weight_decay, cfg.lr_warmup_steps)
+train, _ = data.load_splits(cfg.data, None, cfg.eval_size, cfg.seed, False, cfg.context_template,
+                            cfg.instruction)  # fmt: skip
+verifier = make_verifier(cfg.verifier, cfg.last_number_fallback, answer_format(cfg.instruction))
+print(f"tiny Qwen2 + LoRA, vocabulary {len(tokenizer)}; B = {cfg.batch_prompts}, G = {G}, beta {cfg.beta}")
 
 # %% [markdown]
-# ## The two views of a prompt
-# The student sees the question; the teacher sees the same question followed by the
-# privileged context c, here the gold answer in the authors' words.
+# ## 1. Sample G responses per prompt from the student view
+# The teacher view is the same prompt followed by the privileged context c (here the
+# gold answer in the authors' words). We take the first training step whose rollout has
+# both a flat group (all G rewards equal) and a mixed one, to compare them below.
 
 # %%
-examples = data.arithmetic_split(B, "train", seed=3, context_template=args.context_template)
+for step in range(20):
+    examples = data.step_examples(train, step, cfg.batch_prompts, cfg.seed)
+    batch = rollout(model, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                    seed=cfg.seed * 1_000_003 + step)  # fmt: skip
+    batch.verdicts = [verifier(c, a) for c, a in zip(batch.completions, batch.answers, strict=True)]
+    rewards = torch.tensor([v.reward for v in batch.verdicts])  # [B*G]
+    flat = (rewards.view(-1, G).amax(1) == rewards.view(-1, G).amin(1)).repeat_interleave(G)  # [B*G]
+    if flat.any() and (~flat).any():
+        break
+else:
+    raise SystemExit("no step in the first 20 has both a flat and a mixed group")
 student_text, teacher_text = prompt_texts(tokenizer, examples[0])
-print("student view x:     ", repr(student_text))
-print("teacher view (c, x):", repr(teacher_text))
-
-# %% [markdown]
-# ## 1. Sample G responses per prompt from the student
-# Rows are group-contiguous: row i*G + j is prompt i, sample j. The response mask is 1 up
-# to and including the first end-of-sequence token.
-
-# %%
-batch = rollout(model, tokenizer, examples, G, cfg.max_new_tokens, cfg.temperature, seed=cfg.seed)
+print(f"training step {step}; student view x:\n  {student_text!r}\nteacher view (c, x):\n  {teacher_text!r}")
 print("response ids", tuple(batch.response_ids.shape), "# [B*G, T]")
-for row, completion in enumerate(batch.completions):
-    print(f"  row {row}: {completion!r}")
 
 # %% [markdown]
 # ## 2. Rewards, then group advantages
-# A_i = (R_i - mean_G R) / (std_G R + eps), within each prompt's group of G; a group whose
-# rewards are all equal carries no signal and gets exactly 0.
+# A_i = (R_i - mean_G R) / (std_G R + eps) within each prompt's group; a flat group gets
+# exactly 0: no outcome gradient at all.
 
 # %%
-verifier = make_verifier()
-rewards = torch.tensor([verifier(c, a).reward for c, a in zip(batch.completions, batch.answers, strict=True)])
-advantages = group_advantages(rewards.double(), G).float()  # [B*G]
-for i in range(B):
-    r, a = rewards[i * G : (i + 1) * G], advantages[i * G : (i + 1) * G]
-    shown = [round(x, 3) for x in a.tolist()]
-    print(f"  prompt {i} (gold {examples[i].answer}): rewards {r.tolist()} -> advantages {shown}")
-beta = beta_schedule(STEP + 1, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps)
-print(f"beta at step {STEP + 1}: {cfg.beta} * min(1, {STEP + 1} / {cfg.beta_warmup_steps}) = {beta:.4f}")
+batch.advantages = group_advantages(rewards.double(), G).float()  # [B*G]
+for i in range(cfg.batch_prompts):
+    rows = slice(i * G, (i + 1) * G)
+    kind = "flat " if flat[i * G] else "mixed"
+    print(f"  prompt {i} ({kind}, gold {examples[i].answer}): rewards {rewards[rows].int().tolist()} "
+          f"-> A {[round(a, 2) for a in batch.advantages[rows].tolist()]}")  # fmt: skip
+beta = beta_schedule(step + 1, cfg.steps, cfg.beta, cfg.beta_warmup_steps, cfg.beta_decay_steps)
+print(f"beta at step {step + 1}: {beta} (constant unless --beta-warmup-steps / --beta-decay-steps)")
 
 # %% [markdown]
-# ## 3. The teacher and the student read the same tokens
-# The teacher never generates: its prompt ids are followed by the student's own response
-# ids, so at every position q_t and p_t are distributions over the same next token. We
-# keep final hidden states only; the LM head turns them into distributions chunk by chunk.
+# ## 3. Log-probs fixed for the step
+# pi_ref reads the student view with the adapter off; pi_old is the policy before the
+# first update. Both stay fixed while the step's two updates move the weights.
 
 # %%
-with torch.no_grad():
-    teacher_h = response_hidden(
-        model, batch.teacher_ids, batch.teacher_mask, batch.response_ids, batch.response_mask
-    )
-student_h = response_hidden(
-    model, batch.student_ids, batch.student_mask, batch.response_ids, batch.response_mask
-)
+with reference_role(policy) as reference:
+    batch.ref_logp = batched_logprobs(reference, batch, cfg)  # [B*G, T]
+batch.old_logp = batched_logprobs(model, batch, cfg)  # [B*G, T]
+mask = batch.response_mask  # [B*G, T]
+
+# %% [markdown]
+# ## 4a. The three terms and where their gradients come from
+# On the whole rollout, before any update: the outcome term (DAPO's clipped surrogate),
+# beta times the full-vocabulary KL(p_t || SG[q_t]), alpha times the anchor. The teacher
+# reads its prompt followed by the student's own tokens, so q_t and p_t are over the same
+# next token.
+
+# %%
+teacher_h, _ = teacher_hidden(policy, batch, cfg)  # [B*G, T, H], no grad
+student_h = response_hidden(model, batch.student_ids, batch.student_mask, batch.response_ids, mask)
+logp, kl, _ = score_tokens(model.get_output_embeddings(), student_h, batch.response_ids, mask, teacher_h,
+                           cfg.temperature, cfg.kl_chunk_size)  # [B*G, T] each  # fmt: skip
+outcome, _ = clipped_policy_loss(logp, batch.old_logp, batch.advantages, mask)  # [B*G, T]
+anchor = reference_kl(logp, batch.ref_logp, cfg.kl_mode)  # [B*G, T]
+lora = [p for p in model.parameters() if p.requires_grad]
+
+
+def grad_norm(per_token: torch.Tensor, rows: torch.Tensor) -> float:
+    """The norm of the gradient, over the LoRA weights, of a term's token-mean on `rows`."""
+    term = (per_token * mask)[rows].sum() / mask.sum()
+    grads = torch.autograd.grad(term, lora, retain_graph=True, allow_unused=True)
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads if g is not None])))
+
+
+norms = {
+    kind: {"outcome": grad_norm(outcome, rows), "distill": grad_norm(beta * kl, rows),
+           "anchor": grad_norm(cfg.alpha * anchor, rows)}  # fmt: skip
+    for kind, rows in (("flat", flat), ("mixed", ~flat))
+}
+for kind, n in norms.items():
+    shown = ", ".join(f"{k} {v:.2e}" for k, v in n.items())
+    rows = flat if kind == "flat" else ~flat
+    kl_mean = float(masked_mean(kl.detach()[rows], mask[rows]))
+    print(f"  {kind} groups: gradient norms {shown}; KL per token {kl_mean:.3f}")
+assert norms["flat"]["outcome"] == 0.0 and norms["flat"]["distill"] > 0
+print("A flat group has A = 0 and so no outcome gradient: only the teacher speaks to it.")
+if norms["flat"]["anchor"] == 0.0:
+    print("The anchor's gradient is 0: a new LoRA adapter starts at zero, so the student is the reference.")
 head = model.get_output_embeddings()
-print("hidden states", tuple(student_h.shape), "# [B*G, T, H]")
-
-logp, kl, entropy = score_tokens(
-    head, student_h, batch.response_ids, batch.response_mask, teacher_h, cfg.temperature, cfg.kl_chunk_size
-)  # [B*G, T] each
-row, t = divmod(
-    int((kl * batch.response_mask).argmax()), kl.shape[1]
-)  # the token the teacher disagrees with most
+r, t = divmod(int((kl.detach() * mask).argmax()), kl.shape[1])  # where the teacher disagrees most
 with torch.no_grad():
-    p_t = torch.softmax(head(student_h[row, t]) / cfg.temperature, -1)  # [V]
-    q_t = torch.softmax(head(teacher_h[row, t]) / cfg.temperature, -1)
-for name, dist in (("student p_t", p_t), ("teacher q_t", q_t)):
-    top = dist.topk(5)
-    shown = ", ".join(
-        f"{tokenizer.decode([i])!r} {v:.2f}"
-        for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-    )
-    print(f"  row {row}, position {t}: {name}: {shown}")
-print(f"  KL(p_t || q_t) there = {kl[row, t]:.4f} nats")
-print("per-token KL, masked (rows x positions):")
-for r in range(kl.shape[0]):
-    print(
-        "  ",
-        " ".join(
-            f"{v:5.2f}" if m else "    -"
-            for v, m in zip(kl[r].tolist(), batch.response_mask[r].tolist(), strict=True)
-        ),
-    )
+    for name, h in (("student p_t", student_h), ("teacher q_t", teacher_h)):
+        top = torch.softmax(head(h[r, t]) / cfg.temperature, -1).topk(3)  # [V] -> its 3 likeliest tokens
+        shown = ", ".join(f"{tokenizer.decode([i])!r} {v:.2f}" for v, i in zip(*top, strict=True))
+        print(f"  row {r} (gold {batch.answers[r]}), after {tokenizer.decode(batch.response_ids[r, :t])!r}: "
+              f"{name}: {shown}")  # fmt: skip
+mixed_rows = ~flat
+sum_a = float(batch.advantages[mixed_rows].sum())
+lengths = mask.sum(1).float()
+pg_mixed = float(-(batch.advantages * lengths)[mixed_rows].sum() / lengths[mixed_rows].sum())
+print(f"The mixed groups' advantages sum to {sum_a:.1e}, yet their outcome loss is {pg_mixed:.4f}: the")
+print("token-mean weighs each response by its length, so long and short answers do not cancel.")
 
 # %% [markdown]
-# ## 4. The loss
-# Outcome: DAPO's dual-clip PPO surrogate. With one update per rollout pi_old is the
-# current policy, so every ratio is 1 and the term is -A per token (its gradient is the
-# policy gradient). Distillation: beta * KL. Anchor: alpha * 1/2 (log pi_theta - log pi_ref)^2
-# on the sampled tokens, with the reference read with the LoRA adapter switched off.
-
-# %%
-mask = batch.response_mask
-with torch.no_grad(), reference_role(policy) as reference:
-    ref_logp = response_logprobs(reference, batch, cfg.temperature)  # [B*G, T]
-outcome, stats = clipped_policy_loss(logp, logp.detach(), advantages, mask)  # [B*G, T]
-i = int(advantages.abs().argmax())  # a row whose group is not flat
-per_token = [round(x, 3) for x in outcome[i].tolist()]
-print(f"outcome per token, row {i}: {per_token} (= -A_{i} = {-advantages[i]:.3f})")
-print(f"clip fraction {float(stats['clipfrac']):.2f}, mean ratio {float(stats['ratio']):.2f}")
-tokens = Tokens(logp, logp.detach(), advantages, mask, kl=kl, ref_logp=ref_logp)
-loss, metrics = sdpg_loss(tokens, cfg, beta=beta)
-print(
-    "loss terms (means over tokens):",
-    {k: round(metrics[k], 4) for k in ("pg_loss", "kl_distill", "ref_kl", "loss")},
-)
-print("(ref_kl is 0: a new LoRA adapter starts at zero, so the student is still the reference)")
-loss.backward()
-lora = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
-norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in lora]))
-print(f"the gradient reaches {len(lora)} LoRA tensors; its norm is {norm:.4f}")
-assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)  # the base is frozen
-
-# %% [markdown]
-# ## The chunked KL is the KL
-# The same KL from full [B*G, T, V] logits, the way most implementations write it. At the
-# tiny model's vocabulary the full tensor is small; at Qwen's 151,936 it is what the
-# chunked path never builds.
+# The chunked KL is the KL: the same values from full [B*G, T, V] logits, the tensor the
+# chunked path never builds (at Qwen's V = 151,936 it is 1.2 GB per 2,048 tokens).
 
 # %%
 with torch.no_grad():
@@ -180,3 +172,42 @@ m = mask.bool()
 rel = float((kl.detach()[m] - naive[m]).abs().max() / naive[m].abs().max())
 print(f"chunked vs full-logits KL: max relative difference {rel:.1e} (float32)")
 assert rel <= 1e-5, rel
+del student_h, logp, kl, outcome, anchor
+
+# %% [markdown]
+# ## 4b-5. The step: per mini-batch of whole groups, per micro-batch, backward; clip, step
+# This is `sdpg_step`'s loop. The first update's ratio pi_theta / pi_old is exactly 1;
+# the second reads the weights the first one moved.
+
+# %%
+before = [p.detach().clone() for p in lora]
+row = int(torch.nonzero(flat)[0])  # a flat-group response: what does distillation do to it?
+rows_per_update, ratio_gaps = cfg.mini_batch_prompts * G, []
+for start in range(0, len(batch.completions), rows_per_update):
+    end = start + rows_per_update
+    normalizer = loss_normalizer(mask[start:end], cfg.loss_agg)
+    tokens = max(1.0, float(mask[start:end].sum()))
+    optimizer.zero_grad()
+    for s in range(start, end, cfg.micro_batch):
+        mb = batch.rows(slice(s, min(s + cfg.micro_batch, end)))
+        teacher_h, wrong_h = teacher_hidden(policy, mb, cfg)
+        loss, metrics, _ = micro_batch_loss(policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens)
+        loss.backward()
+        with torch.no_grad():  # how far the ratio is from 1 on this micro-batch's tokens
+            now = response_logprobs(model, mb, cfg.temperature)  # [b, T]
+            ratio_gaps.append(float(((now - mb.old_logp).exp() - 1).abs()[mb.response_mask.bool()].max()))
+    norm = torch.nn.utils.clip_grad_norm_(optimizer.params, cfg.grad_clip)
+    optimizer.step()
+    print(f"  update on rows {start}-{end - 1}: loss {metrics['loss']:.4f}, gradient norm {float(norm):.3f}, "
+          f"max |ratio - 1| {ratio_gaps[-1]:.1e}")  # fmt: skip
+optimizer.end_training_step()
+assert ratio_gaps[0] < 1e-4 and ratio_gaps[-1] > 1e-3
+after = [p.detach().clone() for p in lora]
+changed = sum(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+with torch.no_grad():
+    logp_after = response_logprobs(model, batch.rows(slice(row, row + 1)), cfg.temperature)[0]
+old_sum, new_sum = float(batch.old_logp[row].sum()), float(logp_after.sum())
+direction = "less" if new_sum < old_sum else "more"
+print(f"{changed} of {len(lora)} LoRA tensors changed. Flat-group response {row} "
+      f"({batch.completions[row]!r}, gold {batch.answers[row]}): log pi_theta {old_sum:.3f} before the "
+      f"step, {new_sum:.3f} after: {direction} likely, with no outcome gradient")  # fmt: skip
