@@ -328,7 +328,14 @@ def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
     for the teacher given the gold answer (right) and given a wrong one. The head is
     linear (h W^T + b, and b + b - b = b), so z' is the head applied to
     h_student + h_right - h_wrong. What both teachers do alike (the context's style:
-    longer answers, later EOS) cancels; what the gold answer changes stays."""
+    longer answers, later EOS) cancels from q_right / q_wrong.
+
+    This is not distillation toward a distribution: with p detached inside q', the
+    gradient of KL(p || SG[q']) is exactly -grad E_p[log q_right - log q_wrong]
+    (tests/test_losses.py), a token-level reward with no entropy term and no fixed
+    target, whose optimum at each position is a point mass on the largest ratio; so the
+    logged value (kl_contrast) is not a KL to any teacher, and a long run can lose
+    entropy."""
     return (student.detach().float() + right.float() - wrong.float()).detach()
 
 

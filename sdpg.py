@@ -128,7 +128,10 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
     optimizer.end_training_step()
     metrics = step_metrics(batch, rewards, updates, cfg, beta=beta, lr=lr, times=(t0, t_sampled, t_fixed),
                            teacher_s=teacher_s, student_s=student_s)  # fmt: skip
-    return {**metrics, **kl_by_group_kind(kl_sums, batch.response_mask, rewards, cfg.num_generations)}, batch
+    metrics |= kl_by_group_kind(kl_sums, batch.response_mask, rewards, cfg.num_generations)
+    if cfg.teacher_contrast:  # KL(p || q') is no KL to a teacher: logged under its own name
+        metrics = {k.replace("kl_distill", "kl_contrast"): v for k, v in metrics.items()}
+    return metrics, batch
 
 
 def teacher_hidden(policy: Policy, mb: RolloutBatch, cfg: Config):

@@ -141,9 +141,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     o(
         "--teacher-contrast",
         action="store_true",
-        help="distil toward q' ∝ p q_right / q_wrong: the teacher given the gold answer against the "
-        "same teacher given a wrong one, so the context's style cancels (README, 'The style leak'; not "
-        "the paper's)",
+        help="replace the teacher by q' ∝ p q_right / q_wrong (the teacher given the gold answer against "
+        "the same teacher given a wrong one, so the context's style cancels; not the paper's). With p "
+        "detached inside q', its gradient is exactly the policy gradient of E_p[log q_right - log q_wrong]: "
+        "a token-level reward with no entropy term and no fixed target, whose optimum is a point mass, not "
+        "distillation toward a distribution; logged as kl_contrast; watch the entropy in long runs",
     )
     o(
         "--kl-clamp",

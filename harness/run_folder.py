@@ -425,9 +425,9 @@ def plot_curves(out_dir: Path) -> None:
         line(lengths, key, rows, linestyle="--", marker=".")
     lengths.set_ylabel("mean length (tokens)")
     lengths.legend(fontsize=7, loc="lower right")
-    for key in ("kl_distill", "kl_distill_flat", "kl_distill_mixed"):
+    for key in ("kl_distill", "kl_distill_flat", "kl_distill_mixed", "kl_contrast", "entropy"):
         line(axes[2], key, train)
-    axes[2].set_title("distillation KL per token")
+    axes[2].set_title("distillation KL and entropy per token")
     line(axes[3], "ref_kl", train)
     axes[3].set_title("ref_kl")
     for ax in axes:

@@ -799,3 +799,17 @@ def test_logged_ref_kl_reads_zero_when_the_policy_is_the_reference(mode):
     assert same["ref_kl"] == 0.0
     _, moved = sdpg_loss(lp, lp, adv, mask, None, lp + 0.3, alpha=0.1, kl_mode=mode)
     assert moved["ref_kl"] == pytest.approx(math.exp(0.3) - 1 - 0.3, rel=1e-12)
+
+
+def test_the_contrast_teachers_kl_gradient_is_a_policy_gradient_of_the_log_ratio():
+    """With p detached inside q' ∝ p q_right / q_wrong, grad_z KL(p || SG[q']) equals
+    -grad_z E_p[log q_right - log q_wrong] (the ratio held fixed), exactly, in float64:
+    a reward on tokens, not a distribution to match."""
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(3, 7, generator=g, dtype=D).requires_grad_()
+    log_right, log_wrong = (torch.log_softmax(torch.randn(3, 7, generator=g, dtype=D), -1) for _ in range(2))
+    tilted = z.detach() + log_right - log_wrong  # z' = z_student + z_right - z_wrong, up to constants
+    (kl_grad,) = torch.autograd.grad(kl_from_logits(z, tilted).sum(), z)
+    p = torch.softmax(z, -1)
+    (reward_grad,) = torch.autograd.grad((p * (log_right - log_wrong)).sum(), z)
+    torch.testing.assert_close(kl_grad, -reward_grad, rtol=0, atol=1e-15)

@@ -751,3 +751,13 @@ def test_the_teacher_drift_warning_fires_once_when_the_teacher_falls_behind(
     if warnings:
         assert "greedy 55.0% vs 50.0%, +5.0 points; SDPG needs 10" in lines[0]
         assert "--teacher initial" in lines[0] and "--teacher ema" in lines[0]
+
+
+def test_the_contrast_teacher_logs_its_quantity_under_its_own_name(tiny_path):
+    """KL(p || q') under --teacher-contrast is no KL to a teacher: kl_contrast, never kl_distill."""
+    args = make_args(tiny_path, "--teacher-contrast")
+    policy = load_small_policy(args)
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    m, _ = sdpg.sdpg_step(policy, optimizer, with_wrong_answers(EXAMPLES)[:2], 0, args, varied_reward)
+    assert m["kl_contrast"] >= 0 and not [k for k in m if k.startswith("kl_distill")]
+    assert {"kl_contrast_flat", "kl_contrast_mixed"} & set(m)
