@@ -171,12 +171,18 @@ def main() -> None:
 
 
 def report(layout: dict[str, dict[str, list[Path]]], a, out: Path) -> None:
+    """Tables (mean ± sd over seeds at every eval, minus GRPO on the same seed, the teacher
+    check, stated intermediate results) into worked_solutions.md, the runs into
+    worked_solutions.json, mean@2 and greedy curves into worked_solutions.png. GRPO and
+    SDPG-auto come from docs/real_model.json (the same questions and seeds) where this
+    study did not run them."""
     eval_steps = {*range(0, a.steps + 1, a.eval_every), a.steps}
     results = {
         f: {
             n: [
                 {
                     **real_model.summary(p, eval_steps),
+                    "context_template": f"the data's {CONTENDERS[n][0]} column",
                     "stated_steps_first": stated_steps(p, f, range(1, 2)),
                     "stated_steps_last_half": stated_steps(p, f, range(a.steps // 2 + 1, a.steps + 1)),
                 }
@@ -188,16 +194,34 @@ def report(layout: dict[str, dict[str, list[Path]]], a, out: Path) -> None:
     }
     if not results:
         sys.exit(f"no finished runs in {a.work}: run without --report-only first")
+    finished = json.loads((ROOT / "docs" / "real_model.json").read_text())
+    for family, runs in results.items():
+        earlier = {"grpo": finished[family]["grpo"], "sdpg-auto": finished[family]["sdpg"]}
+        results[family] = {**{n: r for n, r in earlier.items() if n not in runs}, **runs}
     text = []
     for family, runs in results.items():
         for key in ("eval_mean@2", "eval_greedy"):
             text += [f"### {family}: held-out {key[5:]}, mean ± sd over seeds", ""]
             text += real_model.family_table(runs, key) + [""] + real_model.paired_table(runs, key) + [""]
-        text += real_model.check_table(runs) + [""]
+        text += real_model.check_table(runs) + [""] + steps_table(runs) + [""]
     print("\n".join(text))
     out.mkdir(parents=True, exist_ok=True)
     (out / "worked_solutions.md").write_text("\n".join(text) + "\n")
     (out / "worked_solutions.json").write_text(json.dumps(results, indent=1))
+    real_model.plot(results, "eval_mean@2", out / "worked_solutions.png", list(results))
+
+
+def steps_table(runs: dict[str, list[dict]]) -> list[str]:
+    """The share of logged training answers that state the intermediate result: at step 1
+    (the untrained model's samples, the same in every run of a seed) and over the last half."""
+    lines = ["| contender (seeds) | states the intermediate result: step 1 | last half of training |",
+             "|---|---|---|"]  # fmt: skip
+    for name, seeds in runs.items():
+        if seeds[0].get("stated_steps_first") is not None:
+            first = real_model.mean_sd([r["stated_steps_first"] for r in seeds], digits=0)
+            last = real_model.mean_sd([r["stated_steps_last_half"] for r in seeds], digits=0)
+            lines.append(f"| {name} ({len(seeds)}) | {first} | {last} |")
+    return lines if len(lines) > 2 else []
 
 
 if __name__ == "__main__":
