@@ -85,11 +85,13 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
     if cfg.ppo_epochs * cfg.batch_prompts // cfg.mini_batch_prompts > 1:
         batch.old_logp = batched_logprobs(policy.model, batch, cfg)  # [B*G, T]
     t_fixed = clock()
-    # 4-5. One optimizer step per mini-batch of whole groups; each micro-batch's loss is
-    #    divided by the whole mini-batch's count, so the summed gradients are those of the
-    #    mini-batch mean whatever --micro-batch is.
+    # 4. Per mini-batch of whole groups (one optimizer step each), per micro-batch: the
+    #    teacher reads its view, the student its own, the loss, backward. Each micro-batch's
+    #    loss is divided by the whole mini-batch's count, so the summed gradients are those
+    #    of the mini-batch mean whatever --micro-batch is.
     lr, updates, teacher_s, student_s = optimizer.lr, [], 0.0, 0.0
-    kl_sums = torch.zeros(len(batch.completions)) if beta > 0 or cfg.outcome_weight == 0 else None  # [B*G]
+    distill = beta > 0 or cfg.outcome_weight == 0  # the step reads the teacher
+    kl_sums = torch.zeros(len(batch.completions)) if distill else None  # [B*G]
     rows_per_update = cfg.mini_batch_prompts * cfg.num_generations
     for _ in range(cfg.ppo_epochs):
         for start in range(0, len(batch.completions), rows_per_update):
@@ -101,9 +103,7 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
             for s in range(start, end, cfg.micro_batch):
                 rows = slice(s, min(s + cfg.micro_batch, end))
                 mb, t1 = batch.rows(rows), clock()
-                teacher_h = wrong_h = None  # [b, T, H]
-                if beta > 0 or cfg.outcome_weight == 0:
-                    teacher_h, wrong_h = teacher_hidden(policy, mb, cfg)
+                teacher_h, wrong_h = teacher_hidden(policy, mb, cfg) if distill else (None, None)  # [b, T, H]
                 t2 = clock()
                 loss, metrics, kl = micro_batch_loss(
                     policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens
@@ -115,14 +115,15 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
                 share = float(mb.response_mask.sum()) / tokens
                 for k, v in metrics.items():  # the loss is already this micro-batch's share
                     update[k] = update.get(k, 0.0) + v * (1.0 if k == "loss" else share)
+            # 5. Clip the gradient norm and step; a non-finite gradient skips the step.
             norm = torch.nn.utils.clip_grad_norm_(optimizer.params, cfg.grad_clip)
-            if torch.isfinite(norm):
+            finite = bool(torch.isfinite(norm))
+            if finite:
                 optimizer.step()
                 if policy.ema is not None:  # --teacher ema follows the weights
                     policy.ema.update()
             else:  # skipped and counted: the loop stops after --max-bad-steps in a row
                 optimizer.skip()
-            finite = bool(torch.isfinite(norm))
             update.update(grad_norm=float(norm) if finite else float("nan"), skipped_step=float(not finite))
             updates.append({**update, "skipped_total": optimizer.bad_total})
     optimizer.end_training_step()
