@@ -268,7 +268,8 @@ def train(run: session.Run) -> int:
                     print(warning, file=sys.stderr)
                     watch_teacher = False  # once per run
             log.metrics(metrics, plot=evaluated)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics.get('kl_distill', 0):.3g}")
+            kl = metrics.get("kl_distill", metrics.get("kl_contrast", 0.0))
+            bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{kl:.3g}")
             run.stop_if_diverged()
             if ctrl_c.requested or done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0):
                 saved = run.save_checkpoint(done)
