@@ -142,7 +142,7 @@ PRESETS = {
     # Small real chat models on a CPU (smollm2-135m, .gguf files): short answers, a sampling
     # temperature at which they still answer (SmolLM2-135M-Instruct, sampled answers right
     # on two-digit word problems: 2% at T = 1, 10% at T = 0.5; one-digit: 34% at T = 0.5,
-    # 46% at 0.3), small groups; see README, "Real model on a laptop".
+    # 46% at 0.3), small groups; see docs/real_model_study.md.
     "small": dict(
         data="word-problems",
         # lr: chosen on held-out accuracy of the built-in word problems (one seed, SDPG, mean@2
@@ -167,7 +167,8 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
-        context_template="auto",  # SmolLM2-135M: the authors' text makes its teacher worse (README)
+        # SmolLM2-135M: the authors' text makes its teacher worse (docs/teacher_context.md)
+        context_template="auto",
         instruction="answer-is",  # SmolLM2-135M writes "The answer is N"; it never fills \boxed{}
     ),
     "hub": dict(

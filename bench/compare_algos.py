@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from harness.run_folder import read_metrics  # noqa: E402
 
 ACC = "eval_mean@4"
+BUILD_TINY = "from harness import tiny_model; tiny_model.ensure_tiny_model()"
 VARIANTS = {  # a contender name -> its sdpg.py flags; any other name is an --algo
     "sdpg-ema": ["--algo", "sdpg", "--teacher", "ema"],
     "sdpg-initial": ["--algo", "sdpg", "--teacher", "initial", "--beta", "1.0"],
@@ -172,7 +173,7 @@ def main() -> None:
         jobs = []
     else:
         subprocess.run(
-            [sys.executable, "-c", "import tiny_model; tiny_model.ensure_tiny_model()"], cwd=ROOT, check=True
+            [sys.executable, "-c", BUILD_TINY], cwd=ROOT, check=True
         )  # build the cached tiny model once, before the parallel runs
         jobs = [(algo, seed) for seed in range(a.seeds) for algo in a.algos]
         with ThreadPoolExecutor(a.jobs) as pool:

@@ -338,7 +338,8 @@ def main() -> None:
         sys.exit(f"no finished runs in {work}: run without --report-only first")
     first = next(r for c in results.values() for runs in c.values() for r in runs)
     key = next(k for k in first["evals"][0] if k.startswith("eval_mean@"))
-    text = [f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)", ""]
+    print(f"{len(jobs)} runs in {(time.time() - t0) / 60:.0f} min ({a.parallel} at a time)")
+    text = []  # each run's own time is in real_model.json ("seconds")
     main_results = {f: {n: r for n, r in c.items() if n in CONTENDERS} for f, c in results.items()}
     main_results = {f: c for f, c in main_results.items() if c}  # a family may hold only ablation runs
     for family, main_runs in main_results.items():
