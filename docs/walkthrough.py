@@ -133,8 +133,11 @@ def grad_norm(per_token: torch.Tensor, rows: torch.Tensor) -> float:
 
 
 norms = {
-    kind: {"outcome": grad_norm(outcome, rows), "distill": grad_norm(beta * kl, rows),
-           "anchor": grad_norm(cfg.alpha * anchor, rows)}  # fmt: skip
+    kind: {
+        "outcome": grad_norm(outcome, rows),
+        "distill": grad_norm(beta * kl, rows),
+        "anchor": grad_norm(cfg.alpha * anchor, rows),
+    }  # fmt: skip
     for kind, rows in (("flat", flat), ("mixed", ~flat))
 }
 for kind, n in norms.items():
