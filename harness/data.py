@@ -73,6 +73,7 @@ CONTEXT_TEMPLATES = {
 }
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
+HELD_OUT = 500  # generated tasks train on none of the first max(500, --eval-size) held-out questions
 
 
 def plain_example(
@@ -123,19 +124,31 @@ def arithmetic_question(rng: random.Random) -> tuple[str, str]:
 
 
 def generated_pairs(
-    question: Callable[[random.Random], tuple[str, str]], n: int, split: str, seed: int
+    question: Callable[[random.Random], tuple[str, str]],
+    n: int,
+    split: str,
+    seed: int,
+    held_out: int = HELD_OUT,
 ) -> list[tuple[str, str]]:
-    """n (question, answer) pairs from a generator: 'test' is fixed (its own seed); 'train'
-    follows `seed` and never repeats one of the first 500 test questions."""
+    """n (question, answer) pairs from a generator: 'test' is fixed (its own seed), a run
+    evaluates on its first --eval-size; 'train' follows `seed` and never repeats one of the
+    first max(HELD_OUT, held_out) test questions (a fixed 500, so that the training rows do
+    not change with --eval-size up to there)."""
     if split == "test":
         rng = random.Random(HELD_OUT_SEED)
         return [question(rng) for _ in range(n)]
     test = random.Random(HELD_OUT_SEED)
-    held_out = {question(test)[0] for _ in range(500)}
-    rng, pairs = random.Random(seed), []
+    kept_out = {question(test)[0] for _ in range(max(HELD_OUT, held_out))}
+    rng, pairs, draws = random.Random(seed), [], 0
     while len(pairs) < n:
+        if draws == 100 * n + 10_000:  # bounded: a held-out set can cover every question there is
+            raise UsageError(
+                f"--eval-size {held_out} holds out nearly every question this task generates, leaving "
+                "too few for training: lower --eval-size"
+            )
+        draws += 1
         q, a = question(rng)
-        if q not in held_out:
+        if q not in kept_out:
             pairs.append((q, a))
     return pairs
 
@@ -146,11 +159,12 @@ def arithmetic_split(
     seed: int = 0,
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str | None = None,
+    held_out: int = HELD_OUT,
 ) -> list[Example]:
     """n one-digit addition examples (generated_pairs). instruction None: ours, the \\boxed one."""
     return [
         templated_example(q, a, context_template, INSTRUCTION if instruction is None else instruction)
-        for q, a in generated_pairs(arithmetic_question, n, split, seed)
+        for q, a in generated_pairs(arithmetic_question, n, split, seed, held_out)
     ]
 
 
@@ -183,12 +197,13 @@ def word_problem_split(
     seed: int = 0,
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str | None = None,
+    held_out: int = HELD_OUT,
 ) -> list[Example]:
     """n word-problem examples (generated_pairs).
     instruction None: "... end your response with: The answer is <number>." """
     return [
         templated_example(q, a, context_template, WORD_INSTRUCTION if instruction is None else instruction)
-        for q, a in generated_pairs(word_question, n, split, seed)
+        for q, a in generated_pairs(word_question, n, split, seed, held_out)
     ]
 
 
@@ -314,12 +329,14 @@ def load_task(
     solution_as_context: bool = False,
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str | None = None,
+    held_out: int = HELD_OUT,
 ) -> list[Example]:
     """`arithmetic`, `word-problems`, `gsm8k`, or a file path; n > 0 keeps the first n.
-    instruction: appended to plain questions (None: each task's own, \\boxed for files)."""
+    instruction: appended to plain questions (None: each task's own, \\boxed for files).
+    held_out: a built-in task's training rows avoid its first `held_out` test questions."""
     if name in BUILT_IN:
         size = n or (2000 if split == "train" else 200)
-        return BUILT_IN[name](size, split, seed, context_template, instruction)
+        return BUILT_IN[name](size, split, seed, context_template, instruction, held_out)
     instruction = INSTRUCTION if instruction is None else instruction
     if name == "gsm8k":
         examples = gsm8k_split(split, solution_as_context, context_template, instruction)
@@ -344,16 +361,24 @@ def load_splits(
     instruction: str | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples; UsageError for data that cannot be used. Needs no model,
-    so bad data fails before any model work. A single file holds out its last tenth."""
+    so bad data fails before any model work. A single file holds out its last tenth; a
+    built-in task never trains on a question of its held-out split, whatever eval_size."""
     prompting = {"context_template": context_template, "instruction": instruction}
-    train = load_task(data, "train", seed=seed, solution_as_context=solution_as_context, **prompting)
+    train = load_task(
+        data, "train", seed=seed, solution_as_context=solution_as_context, held_out=eval_size, **prompting
+    )
     if eval_data:
         evals = load_task(eval_data, "test", **prompting)
     elif data in ("arithmetic", "word-problems", "gsm8k"):
         evals = load_task(data, "test", n=eval_size, **prompting)
+    elif len(train) < 2:  # one row cannot be both the training and the held-out set
+        raise UsageError(
+            f"{data} holds {len(train)} usable row: a run trains on its first nine tenths and evaluates "
+            "on the last tenth, so it needs at least 2 rows; add rows, or give --eval-data FILE"
+        )
     else:
         k = max(1, len(train) // 10)
-        train, evals = (train[:-k], train[-k:]) if len(train) > 1 else (train, train)
+        train, evals = train[:-k], train[-k:]
     return train, evals[:eval_size]
 
 

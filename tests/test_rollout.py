@@ -223,6 +223,39 @@ def test_warm_start_rows_teach_one_misconception_per_fact(tiny):
     assert 0.11 < n_right / n_student < 0.19  # binomial sd ~0.01 around 0.15
 
 
+@pytest.mark.parametrize("task", ["arithmetic", "word-problems"])
+def test_training_never_holds_an_evaluation_question_whatever_the_eval_size(task):
+    """Up to 500 held-out questions the training rows are as before (and the bench files
+    built from them); at --eval-size 1000 the old fixed 500 let held-out questions into
+    training (181 distinct arithmetic ones, 42 word problems)."""
+    question = {"arithmetic": data.arithmetic_question, "word-problems": data.word_question}[task]
+    before = data.generated_pairs(question, 2000, "train", 0)
+    train, evals = data.load_splits(task, None, 200)
+    assert [e.question for e in train] == [q for q, _ in before]
+    train, evals = data.load_splits(task, None, 1000)
+    assert len(train) == 2000 and len(evals) == 1000
+    assert not {e.question for e in train} & {e.question for e in evals}
+    assert len({q for q, _ in before} & {e.question for e in evals}) > 40  # what the fixed 500 let in
+    with pytest.raises(UsageError, match="--eval-size 100000 holds out nearly every question"):
+        data.load_splits("arithmetic", None, 100_000)  # 3888 questions exist: too few left
+
+
+def test_a_one_row_question_file_is_refused_not_trained_and_evaluated_on(tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    with pytest.raises(UsageError) as e:
+        data.load_splits(str(path), None, 10)
+    assert str(e.value) == (
+        f"{path} holds 1 usable row: a run trains on its first nine tenths and evaluates on the last "
+        "tenth, so it needs at least 2 rows; add rows, or give --eval-data FILE"
+    )
+    path.write_text(
+        "".join(json.dumps({"question": f"{n}+{n}?", "answer": str(2 * n)}) + "\n" for n in (1, 2))
+    )
+    train, evals = data.load_splits(str(path), None, 10)
+    assert ([e.question for e in train], [e.question for e in evals]) == (["1+1?"], ["2+2?"])
+
+
 def test_file_examples_formats_and_errors(tmp_path, capsys):
     rows = [
         {"question": "1+1?", "answer": "2"},
