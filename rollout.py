@@ -59,18 +59,22 @@ class Example:
     messages: list[dict[str, str]]
     context_template: str | None = None
     wrong_answer: str | None = None  # for --teacher-contrast (`with_wrong_answers`)
+    solution: str | None = None  # a worked solution, for templates with {solution}
 
 
 def with_context(ex: Example, template: str, answer: str | None = None) -> Example:
     """The example with its teacher context rewritten from `template` (with `answer`, by
-    default the gold one); an example whose context came from its source is unchanged."""
+    default the gold one, and its worked solution); an example whose context came from its
+    source is unchanged."""
     if ex.context_template is None:
         return ex
     messages = copy.deepcopy(ex.messages)
     for m in messages:
         if TEACHER_CONTEXT_TOKEN in m["content"]:
             asked = m["content"].split(TEACHER_CONTEXT_TOKEN, 1)[0]
-            context = template.format(answer=ex.answer if answer is None else answer)
+            # no solution: a template that asks for one raises KeyError rather than print "None"
+            solution = {} if ex.solution is None else {"solution": ex.solution}
+            context = template.format(answer=ex.answer if answer is None else answer, **solution)
             m["content"] = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
             break
     return dataclasses.replace(ex, messages=messages, context_template=template)
