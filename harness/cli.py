@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
+import sys
 from pathlib import Path
 
 from config import ALGORITHMS, FULL_FINETUNE, PRESETS, Config, build
-from harness.data import CONTEXT_TEMPLATES, INSTRUCTIONS
+from harness.data import CONTEXT_TEMPLATES, INSTRUCTIONS, template_fields
 from harness.errors import UsageError
 from harness.loading import check_four_bit
 from harness.trackers import parse_report_to
@@ -22,6 +24,7 @@ from losses import AGG_MODES, DIVERGENCES, KL_CLAMP, KL_MODES
 from verifier import answer_format
 
 ALGOS = tuple(ALGORITHMS)
+NAME = re.compile(r"[\w-]+")  # one word or hyphenated token: a phrasing's name, never its text
 TEACHERS = ("live", "initial", "ema")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 POSITIVE_INTS = (
@@ -81,8 +84,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     g(
         "--context-template",
         help="the teacher's privileged context c for built-in tasks and rows without one: text with "
-        "{answer} for the gold answer, a name (" + ", ".join(CONTEXT_TEMPLATES) + "; authors: the paper's), "
-        "or auto: the name whose teacher view answers training questions best",
+        "{answer} for the gold answer and {solution} for a worked solution (the data's 'solution' "
+        "column), a name (" + ", ".join(CONTEXT_TEMPLATES) + "; authors: the authors' code, paper: the "
+        "paper's prompt, with {solution}), or auto: the name whose teacher view answers training questions "
+        "best. A single word is a name. A resumed run keeps the text it started with",
     )
     g(
         "--context-candidates",
@@ -312,11 +317,42 @@ def parse(given: dict) -> Config:
     cfg = build(given)
     cfg = dataclasses.replace(
         cfg,
-        context_template=CONTEXT_TEMPLATES.get(cfg.context_template, cfg.context_template),
+        context_template=phrasing(cfg.context_template, "--context-template"),
+        context_candidates=tuple(phrasing(t, "--context-candidates") for t in cfg.context_candidates),
         instruction=INSTRUCTIONS.get(cfg.instruction, cfg.instruction),
     )
     check(cfg)
+    warn_uninformed(cfg)
     return cfg
+
+
+def phrasing(value: str, flag: str) -> str:
+    """A context template's text: a name becomes its text; a single word that names no
+    phrasing (a misspelt name: `verfy`) is refused rather than shown to the teacher."""
+    names = [*CONTEXT_TEMPLATES, *(["auto"] if flag == "--context-template" else [])]
+    if value in CONTEXT_TEMPLATES:
+        return CONTEXT_TEMPLATES[value]
+    if value in names or not NAME.fullmatch(value):
+        return value
+    raise UsageError(
+        f"{flag} {value!r} is not a phrasing's name ({', '.join(names)}) and, a single word, is read as "
+        "one: use one of those names, or write the teacher's text with {answer} in it"
+    )
+
+
+def warn_uninformed(cfg: Config) -> None:
+    """A phrasing with neither {answer} nor {solution} is allowed, with a warning: it tells
+    the teacher the same for every question."""
+    for flag, text in [("--context-template", cfg.context_template)] + [
+        ("--context-candidates", t) for t in cfg.context_candidates
+    ]:
+        if text != "auto" and not template_fields(text) & {"answer", "solution"}:
+            print(
+                f"warning: {flag} {text[:60]!r} holds neither {{answer}} nor {{solution}}: the teacher "
+                "then knows nothing about a question that the student does not, and SDPG has little to "
+                "distil",
+                file=sys.stderr,
+            )
 
 
 def refuse_unused(given: dict) -> None:
@@ -365,12 +401,7 @@ def check(args: Config) -> None:
     for flag, template in [("--context-template", args.context_template)] + [
         ("--context-candidates", t) for t in args.context_candidates
     ]:
-        try:
-            template.format(answer="42")
-        except (KeyError, IndexError, ValueError) as e:
-            raise UsageError(
-                f"{flag} may only hold the field {{answer}} (write other braces twice): {e!r}"
-            ) from e
+        check_template(flag, template)
     if args.context_template == "auto" and args.check_size < 1:
         raise UsageError("--context-template auto chooses on training questions: give --check-size >= 1")
     if args.context_candidates and args.context_template != "auto":
@@ -425,6 +456,16 @@ def check(args: Config) -> None:
         raise UsageError(
             f"--merge-run {args.merge_run}: no args.json there; point it at a run's --output-dir"
         )
+
+
+def check_template(flag: str, template: str) -> None:
+    """UsageError for a template with fields other than {answer} and {solution}."""
+    try:
+        template.format(answer="42", solution="40 + 2 = 42")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise UsageError(
+            f"{flag} may only hold the fields {{answer}} and {{solution}} (write other braces twice): {e!r}"
+        ) from e
 
 
 def check_model_name(name: str) -> None:

@@ -30,9 +30,13 @@ Sources:
 - `gsm8k`: `openai/gsm8k` (config `main`) through `datasets`; gold = text after '####'.
 - a local `.jsonl`, `.json`, `.parquet` or `.csv` file, either in the authors' verl
   format (`prompt`: a list of chat messages, `reward_model.ground_truth`: the answer)
-  or with columns `question`, `answer` and optional `context` (a `question` holding the
-  token is used as their message content). Rows with an empty question or answer are
-  skipped, with a count.
+  or with columns `question`, `answer` and optional `context` and `solution` (a
+  `question` holding the token is used as their message content). Rows with an empty
+  question or answer are skipped, with a count.
+
+A `context` from the data is used as given; --context-template phrases only rows
+without one, with {answer} (the gold answer) and {solution} (a worked solution: the
+file's `solution` column, GSM8K's text before '####') filled in.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import string
 import sys
 import tempfile
 import zlib
@@ -70,14 +75,44 @@ CONTEXT_TEMPLATES = {
     "answer-is": "(The answer is {answer}.)",
     "hint": "Hint: the answer is {answer}.",
     "verify": "A teacher checked this problem: the final answer is {answer}.",
+    # the paper's teacher prompt (its Fig. 4, after the token), around a worked solution
+    "paper": (
+        "[Hint] The correct answer is {answer}. A common way to solve this is:\n{solution}\n"
+        "[Instruction] If possible, derive the answer {answer} using an alternative, equally rigorous "
+        "mathematical approach (e.g., algebraic vs geometric, or different substitution). If no "
+        "alternative exists, articulate the standard approach with exceptional clarity. Do NOT state "
+        "that you were given the answer or reference."
+    ),
 }
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 HELD_OUT_SEED = 1_000_003  # the arithmetic eval split's own stream
 HELD_OUT = 500  # generated tasks train on none of the first max(500, --eval-size) held-out questions
 
 
+def template_fields(template: str) -> set[str]:
+    """The {fields} a context template fills: {answer}, {solution}."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+def context_text(template: str, answer: str, solution: str | None, question: str) -> str:
+    """The template with the gold answer (and worked solution) in it; UsageError when it
+    asks for a solution this question does not have."""
+    if solution is None and "solution" in template_fields(template):
+        raise UsageError(
+            f"the teacher's context template needs {{solution}}, a worked solution, and the question "
+            f"{question[:60]!r} has none: use a phrasing with only {{answer}} (e.g. authors), or data "
+            "with a 'solution' column (gsm8k has one)"
+        )
+    return template.format(answer=answer, **({} if solution is None else {"solution": solution}))
+
+
 def plain_example(
-    question: str, answer: str, context: str, instruction: str = INSTRUCTION, template: str | None = None
+    question: str,
+    answer: str,
+    context: str,
+    instruction: str = INSTRUCTION,
+    template: str | None = None,
+    solution: str | None = None,
 ) -> Example:
     """A question in the authors' format: the instruction (none when the question already
     says how to answer: a boxed answer or DAPO's 'Answer:' line), then the token and c."""
@@ -85,12 +120,16 @@ def plain_example(
         instruction = ""
     asked = f"{question}\n{instruction}" if instruction else question
     content = f"{asked}{TEACHER_CONTEXT_TOKEN}\n\n{context}"
-    return Example(question, answer, [{"role": "user", "content": content}], template)
+    return Example(question, answer, [{"role": "user", "content": content}], template, solution=solution)
 
 
-def templated_example(question: str, answer: str, template: str, instruction: str = INSTRUCTION) -> Example:
-    """A plain question whose teacher context is `template` with the gold answer in it."""
-    return plain_example(question, answer, template.format(answer=answer), instruction, template)
+def templated_example(
+    question: str, answer: str, template: str, instruction: str = INSTRUCTION, solution: str | None = None
+) -> Example:
+    """A plain question whose teacher context is `template` with the gold answer (and the
+    worked solution) in it."""
+    context = context_text(template, answer, solution, question)
+    return plain_example(question, answer, context, instruction, template, solution)
 
 
 def with_wrong_answers(examples: list[Example]) -> list[Example]:
@@ -216,7 +255,8 @@ def gsm8k_split(
     context_template: str = CONTEXT_TEMPLATE,
     instruction: str = INSTRUCTION,
 ) -> list[Example]:
-    """GSM8K from the hub (or the local HF cache); gold = the number after '####'."""
+    """GSM8K from the hub (or the local HF cache); gold = the number after '####', the
+    worked solution (for {solution}) the text before it."""
     import datasets
 
     try:
@@ -229,12 +269,12 @@ def gsm8k_split(
     out = []
     for row in ds:
         solution, _, gold = row["answer"].rpartition("####")
-        gold = gold.strip()
+        gold, solution = gold.strip(), solution.strip()
         if solution_as_context:
-            context = solution.strip() + f"\nThe final answer is {gold}."
-            out.append(plain_example(row["question"], gold, context, instruction))
+            context = solution + f"\nThe final answer is {gold}."
+            out.append(plain_example(row["question"], gold, context, instruction, solution=solution))
         else:
-            out.append(templated_example(row["question"], gold, context_template, instruction))
+            out.append(templated_example(row["question"], gold, context_template, instruction, solution))
     return out
 
 
@@ -275,31 +315,33 @@ def row_example(row: dict, context_template: str, instruction: str = INSTRUCTION
             return Example(question, answer, messages)
         last = max(i for i, m in enumerate(messages) if m["role"] == "user")  # none given: ours
         content = messages[last]["content"] + TEACHER_CONTEXT_TOKEN + "\n\n"
-        messages[last] = {**messages[last], "content": content + context_template.format(answer=answer)}
+        context = context_text(context_template, answer, None, question)
+        messages[last] = {**messages[last], "content": content + context}
         return Example(question, answer, messages, context_template)
     question, answer = str(row["question"] or ""), str(row["answer"] or "").strip()
+    solution = str(row.get("solution") or "").strip() or None
     asked = question.split(TEACHER_CONTEXT_TOKEN)[0].strip()
     if not (asked and answer):
         return None
-    if row.get("context"):
-        return plain_example(asked, answer, str(row["context"]), instruction)
+    if row.get("context"):  # the data's own: used as given
+        return plain_example(asked, answer, str(row["context"]), instruction, solution=solution)
     if TEACHER_CONTEXT_TOKEN in question:  # already their message content
-        return Example(asked, answer, [{"role": "user", "content": question}])
-    return templated_example(asked, answer, context_template, instruction)
+        return Example(asked, answer, [{"role": "user", "content": question}], solution=solution)
+    return templated_example(asked, answer, context_template, instruction, solution)
 
 
 def file_examples(
     path: str | Path, context_template: str = CONTEXT_TEMPLATE, instruction: str = INSTRUCTION
 ) -> list[Example]:
     """Examples from a local .jsonl/.json/.parquet/.csv: the authors' verl format
-    (prompt, reward_model) or question/answer[/context]."""
+    (prompt, reward_model) or question/answer[/context][/solution]."""
     path = Path(path)
     ds = read_table(path)
     columns = set(ds.column_names)
     if not ({"prompt", "reward_model"} <= columns or {"question", "answer"} <= columns):
         raise UsageError(
-            f"{path} needs columns 'question' and 'answer' (optional 'context'), or the verl format's "
-            f"'prompt' and 'reward_model'; found {', '.join(ds.column_names) or 'none'}"
+            f"{path} needs columns 'question' and 'answer' (optional 'context', 'solution'), or the verl "
+            f"format's 'prompt' and 'reward_model'; found {', '.join(ds.column_names) or 'none'}"
         )
     if len(ds) == 0:
         raise UsageError(f"{path} holds no rows")

@@ -85,7 +85,7 @@ def main(argv: list[str] | None, train: Callable[[Run], int], description: str =
         if cfg.merge_run:
             print(f"merged model in {merge_run(Path(cfg.merge_run))}")
             return 0
-        return run(cfg, train)
+        return run(cfg, train, template_given="context_template" in given)
     except (UsageError, TrainingError) as e:
         if debug:
             raise
@@ -98,12 +98,15 @@ def main(argv: list[str] | None, train: Callable[[Run], int], description: str =
         return 130
 
 
-def run(cfg: Config, train: Callable[[Run], int]) -> int:
-    """Check the folder, load, settle the context, resume; then train (or only evaluate)."""
+def run(cfg: Config, train: Callable[[Run], int], template_given: bool = False) -> int:
+    """Check the folder, load, settle the context, resume; then train (or only evaluate).
+    `template_given`: the user gave --context-template (a resumed run refuses a new one)."""
     if cfg.eval_only:
         out_dir, resume_from = run_folder.open_for_eval(dataclasses.asdict(cfg))
     else:
         out_dir, resume_from = run_folder.check_run(dataclasses.asdict(cfg))
+    if resume_from is not None:
+        cfg = resumed_context(cfg, resume_from, template_given)
     cfg, policy, splits, verifier, check = load(cfg, resume_from)
     settings = dataclasses.asdict(cfg)  # args.json records the text `auto` chose
     # only now, with data and model loaded, is an old run replaced (and the folder locked)
@@ -128,11 +131,40 @@ def run(cfg: Config, train: Callable[[Run], int]) -> int:
     return code
 
 
+def resumed_context(cfg: Config, checkpoint: Path, given: bool) -> Config:
+    """cfg with the teacher's context the checkpoint's run trained with: the phrasing is
+    part of a run, so a resumed run keeps it (the text `auto` chose, not the preset) and
+    refuses a different --context-template; UsageError, before any model work, for a
+    checkpoint that does not record it when it cannot be known (`auto`)."""
+    saved = run_folder.saved_args(checkpoint)
+    recorded = saved.get("context_template")
+    if recorded is None and cfg.context_template != "auto":  # an older version: nothing to compare
+        print(
+            f"note: {checkpoint} does not record --context-template; using {cfg.context_template[:60]!r}",
+            file=sys.stderr,
+        )
+        return cfg
+    if not isinstance(recorded, str) or recorded == "auto":
+        raise UsageError(
+            f"{checkpoint} does not record the teacher context its run trained with (an older or damaged "
+            "checkpoint): resume with --context-template and the text it used, or start a new run (another "
+            "--output-dir, or --overwrite-output-dir without --resume)"
+        )
+    cli.check_template(f"{checkpoint}'s context_template", recorded)
+    if given and cfg.context_template not in ("auto", recorded):
+        raise UsageError(
+            f"{checkpoint} trained with the teacher context {recorded[:60]!r}, and --context-template "
+            f"{cfg.context_template[:60]!r} would change the run: drop the flag to continue it, or start a "
+            "new run (another --output-dir, or --overwrite-output-dir without --resume)"
+        )
+    return dataclasses.replace(cfg, context_template=recorded)
+
+
 def load(cfg: Config, resume_from: Path | None):
     """(cfg with the settled context, policy, (train, eval) examples, verifier, the teacher
     check's metrics): data first (bad data fails before any model work), then the model,
     then the privileged context (`teacher_context.settle`: chosen and checked on training
-    questions, or, resuming `auto`, the text the run started with)."""
+    questions; a resumed run comes with its recorded text, `resumed_context`)."""
     verifier = make_verifier(cfg.verifier, cfg.last_number_fallback, answer_format(cfg.instruction))
     auto = cfg.context_template == "auto"
     provisional = data.CONTEXT_TEMPLATE if auto else cfg.context_template
@@ -145,6 +177,8 @@ def load(cfg: Config, resume_from: Path | None):
         provisional,
         cfg.instruction,
     )
+    if auto:
+        teacher_context.check_candidates(cfg.context_candidates, splits)
     if cfg.teacher_contrast:  # each training question's wrong answer, for the contrastive teacher
         splits = (data.with_wrong_answers(splits[0]), splits[1])
     path, tokenizer = load_tokenizer(cfg)
@@ -155,11 +189,8 @@ def load(cfg: Config, resume_from: Path | None):
     policy = load_policy(cfg, path, tokenizer, adapter=cfg.adapter)
     if cfg.teacher == "ema":
         policy.ema = EmaWeights(policy.model.parameters(), cfg.teacher_ema_decay)
-    saved = None
-    if auto and resume_from is not None:
-        saved = run_folder.saved_args(resume_from)["context_template"]
     fresh = resume_from is None and not cfg.eval_only  # the check belongs to a run's step 0
-    template, splits, check = teacher_context.settle(policy, splits, cfg, verifier, saved, check=fresh)
+    template, splits, check = teacher_context.settle(policy, splits, cfg, verifier, check=fresh)
     return dataclasses.replace(cfg, context_template=template), policy, splits, verifier, check
 
 

@@ -13,7 +13,14 @@ before step 1, on training questions only (never held-out ones):
           teacher is not clearly better or writes much longer answers;
   choose  `--context-template auto`: of data.CONTEXT_TEMPLATES and --context-candidates,
           the phrasing whose teacher view answers most questions right (ties: the
-          shorter answers).
+          shorter answers, then the order listed). A phrasing with {solution} is a
+          candidate only when every question it would phrase has a worked solution.
+          When every phrasing answers none right, no phrasing helps: the tie-break
+          still picks one (the run needs a context), and a warning says so and what
+          to do instead.
+
+A context the data gives (a `context` column) is used as given: `auto` phrases only the
+rows without one, and the check reports the teacher view with it, as for a phrasing.
 
 Greedy decoding, as the evaluation's teacher column, so the figures are one number per
 question and repeatable.
@@ -29,6 +36,7 @@ from dataclasses import dataclass
 
 from config import Config
 from harness import data
+from harness.errors import UsageError
 from rollout import Example, Policy, rollout, teacher_role, with_context
 from verifier import Verdict
 
@@ -89,15 +97,22 @@ def choose_template(
     return best, stats
 
 
+def percent(share: float) -> str:
+    """45, 40.6: a share in percent, at most one decimal, no trailing zero."""
+    return f"{100 * share:.1f}".removesuffix(".0")
+
+
 def warnings(student: ViewStats, teacher: ViewStats) -> list[str]:
     """What the check says when SDPG has little to distil, or a style to copy."""
     out = []
-    if teacher.accuracy < student.accuracy + MARGIN:
+    ahead = round(100 * (teacher.accuracy - student.accuracy), 6)  # points; rounded: 0.3 - 0.2 is 10
+    if ahead < 100 * MARGIN:
         out.append(
-            f"warning: the teacher view answers no better than the student ({100 * teacher.accuracy:.0f}% vs "
-            f"{100 * student.accuracy:.0f}% of {len(student.questions)} training questions, greedy): "
-            "SDPG has little to distil. Try --context-template auto, a context that states the answer "
-            "plainly, or --algo grpo."
+            f"warning: the teacher view answers {percent(teacher.accuracy)}% vs the student's "
+            f"{percent(student.accuracy)}% of {len(student.questions)} training questions (greedy): "
+            f"{ahead:+.1f} points, under the {100 * MARGIN:.0f}-point margin by which SDPG needs the "
+            "teacher ahead to have something to distil. Try --context-template auto, a context that "
+            "states the answer plainly, or --algo grpo."
         )
     if teacher.length > LONGER * student.length or teacher.truncated > student.truncated + MARGIN:
         out.append(
@@ -124,27 +139,40 @@ def metrics(student: ViewStats, teacher: ViewStats) -> dict[str, float]:
 
 
 def settle(
-    policy: Policy,
-    splits: Splits,
-    cfg: Config,
-    verifier: Verifier,
-    saved_template: str | None,
-    check: bool = True,
+    policy: Policy, splits: Splits, cfg: Config, verifier: Verifier, check: bool = True
 ) -> tuple[str, Splits, dict[str, float]]:
     """The run's privileged context, then the check: (the template text, (train, eval)
     rewritten with it, the check's metrics for step 0; {} without a check).
 
     `auto` chooses on training questions; the caller records the chosen text in the run's
-    arguments, so a resumed run passes it back as `saved_template` and nothing is
-    chosen again. `check`: False when resuming or only evaluating (not a step 0)."""
+    arguments, and a resumed run comes back with that text in place of `auto`
+    (session.resumed_context), so nothing is chosen again. `check`: False when resuming
+    or only evaluating (not a step 0)."""
     template, check_metrics = cfg.context_template, {}
-    if saved_template is not None:
-        template = saved_template
-    elif cfg.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
+    if cfg.check_size == 0 or cfg.algo == "grpo":  # GRPO reads no teacher: nothing to check
         template = data.CONTEXT_TEMPLATE if template == "auto" else template  # eval's teacher column
     elif check or template == "auto":  # auto chooses even for an evaluation, but logs no check
-        template, check_metrics = checked(policy, splits[0], cfg, verifier, report=check)
+        solved = not missing_solutions(splits)
+        template, check_metrics = checked(policy, splits[0], cfg, verifier, report=check, solved=solved)
     return template, rewrite(splits, template, policy.tokenizer, cfg.max_prompt_length), check_metrics
+
+
+def missing_solutions(splits: Splits) -> int:
+    """How many questions a template would phrase (no context of their own) lack a worked
+    solution: a template with {solution} can phrase none of them."""
+    return sum(e.context_template is not None and e.solution is None for examples in splits for e in examples)
+
+
+def check_candidates(candidates: tuple[str, ...], splits: Splits) -> None:
+    """UsageError, before any model work, for a --context-candidates text that needs a
+    worked solution these questions do not all have."""
+    lacking = missing_solutions(splits)
+    for text in candidates:
+        if lacking and "solution" in data.template_fields(text):
+            raise UsageError(
+                f"--context-candidates {text[:60]!r} needs {{solution}}, a worked solution, and {lacking} "
+                "questions have none: drop it, or give data with a 'solution' column (gsm8k has one)"
+            )
 
 
 def checked(
@@ -154,9 +182,11 @@ def checked(
     verifier: Verifier,
     *,
     report: bool,
+    solved: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """(the template, chosen first when `auto`; the check's metrics, {} unless `report`):
-    both views answer the check sample greedily; `report` prints the table and warnings."""
+    both views answer the check sample greedily; `report` prints the table and warnings.
+    `solved`: every question to phrase has a worked solution ({solution} phrasings may run)."""
     sample = check_sample(train, cfg.check_size, cfg.seed)
 
     def score(examples: list[Example], view: str = "teacher") -> ViewStats:
@@ -165,7 +195,7 @@ def checked(
     student = score(sample, "student")
     template = cfg.context_template
     if template == "auto":
-        template, teacher = choose(sample, list(cfg.context_candidates), student, score)
+        template, teacher = choose(sample, list(cfg.context_candidates), student, score, solved)
     else:
         teacher = score([with_context(e, template) for e in sample])
     if not report:
@@ -179,19 +209,39 @@ def checked(
 
 
 def choose(
-    sample: list[Example], extra: list[str], student: ViewStats, score: Callable[..., ViewStats]
+    sample: list[Example],
+    extra: list[str],
+    student: ViewStats,
+    score: Callable[..., ViewStats],
+    solved: bool = False,
 ) -> tuple[str, ViewStats]:
     """`--context-template auto`: (the chosen text, its teacher-view stats); prints every
-    candidate's row and the choice."""
+    candidate's row and the choice. `solved`: the questions carry worked solutions, so a
+    phrasing with {solution} is a candidate too (else it is skipped, with a note)."""
     if not any(e.context_template for e in sample):
         print("note: every question brings its own context: --context-template auto has nothing to choose")
         return data.CONTEXT_TEMPLATE, score(sample)
-    candidates = {**data.CONTEXT_TEMPLATES, **{f"yours-{i + 1}": text for i, text in enumerate(extra)}}
+    named = {**data.CONTEXT_TEMPLATES, **{f"yours-{i + 1}": text for i, text in enumerate(extra)}}
+    candidates = {n: t for n, t in named.items() if solved or "solution" not in data.template_fields(t)}
+    if len(candidates) < len(named):
+        skipped = ", ".join(n for n in named if n not in candidates)
+        print(f"note: not candidates, as these questions lack a worked solution ({{solution}}): {skipped}")
     name, stats = choose_template(candidates, sample, score)
     title = f"--context-template auto: each phrasing's teacher view on {len(sample)} training questions"
     print(table({"student": student, **stats}, title))
     print(f"chose {name!r}: {candidates[name]!r}")
+    if stats[name].accuracy == 0:
+        print(no_phrasing_helps(name, len(sample)), file=sys.stderr)
     return candidates[name], stats[name]
+
+
+def no_phrasing_helps(name: str, questions: int) -> str:
+    return (
+        f"warning: no phrasing helps: every teacher view answers 0 of {questions} training questions, so "
+        f"{name!r} won only the tie-break (shorter answers, then the order listed) and SDPG has nothing "
+        "to distil. Give the teacher more than the answer (a 'solution' column and --context-template "
+        "paper), train with --algo grpo, or use a model that can use the answer."
+    )
 
 
 def rewrite(splits: Splits, template: str, tokenizer, max_prompt_length: int) -> Splits:
