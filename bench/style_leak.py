@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from harness import cli, data  # noqa: E402
 from harness.loading import load_policy, load_tokenizer  # noqa: E402
 from harness.teacher_context import greedy_stats  # noqa: E402
-from rollout import contrast_hidden, eos_ids, response_hidden, rollout, score_tokens  # noqa: E402
+from rollout import contrast_hidden, eos_ids, response_hidden, rollout, score_tokens, with_context  # noqa: E402
 from verifier import answer_format, make_verifier  # noqa: E402
 
 
@@ -111,7 +111,9 @@ def main() -> None:
     batch = rollout(policy.model, tokenizer, train, a.samples, cfg.max_new_tokens, cfg.temperature, seed=1)
     results = {}
     for name, text in data.CONTEXT_TEMPLATES.items():
-        examples = [data.with_context(e, text) for e in train]
+        if "solution" in data.template_fields(text):  # word problems carry no worked solution
+            continue
+        examples = [with_context(e, text) for e in train]
         views = rollout(policy.model, tokenizer, examples, a.samples, 1, 0.0, contrast=True)  # prompt ids
         teacher_greedy = greedy_stats(policy, examples, "teacher", cfg, verifier)
         results[name] = {
