@@ -424,7 +424,8 @@ def plot_curves(out_dir: Path) -> None:
     for key in ("eval_response_len", "eval_teacher_len"):
         line(lengths, key, rows, linestyle="--", marker=".")
     lengths.set_ylabel("mean length (tokens)")
-    lengths.legend(fontsize=7, loc="lower right")
+    if lengths.get_legend_handles_labels()[0]:
+        lengths.legend(fontsize=7, loc="lower right")
     for key in ("kl_distill", "kl_distill_flat", "kl_distill_mixed", "kl_contrast", "entropy"):
         line(axes[2], key, train)
     axes[2].set_title("distillation KL and entropy per token")
