@@ -20,7 +20,8 @@ Contenders (each a `context` column the run uses as given):
   grpo            --algo grpo on the same files (the student view is the benchmark's, so
                   this repeats its GRPO runs, with their samples kept)
 
-Runs go one at a time, whole seeds first (--reuse keeps finished ones). Writes
+Runs go one at a time, whole seeds first (--reuse keeps finished ones: those in --work, and
+those already summarised in --out's worked_solutions.json, whose folders may be gone). Writes
 worked_solutions.md and worked_solutions.json into --out, with the teacher check, mean@2
 and greedy at every eval, truncation, response length, and the share of sampled training
 answers in the last step that state an intermediate result.
@@ -149,12 +150,14 @@ def main() -> None:
     work, out = Path(a.work), Path(a.out)
     common = ["--steps", str(a.steps), "--eval-every", str(a.eval_every), "--eval-size", str(a.eval_size)]
     layout: dict[str, dict[str, list[Path]]] = {}
+    recorded = recorded_runs(out / "worked_solutions.json")  # finished in an earlier --work
     plan = [(seed, f, n) for seed in range(a.seeds) for f, names in PLAN.items() for n in names]
     plan += [(seed, "two-step", "grpo") for seed in range(a.seeds)]  # repeats finished runs: last
     for seed, family, name in plan:
         folder = work / family / name / f"seed{seed}"
         finished = (folder / "adapter").exists()  # written at the end of a run
-        if name in a.contenders and family in a.families and not a.report_only and not (finished and a.reuse):
+        skip = finished or (family, name, seed) in recorded
+        if name in a.contenders and family in a.families and not a.report_only and not (skip and a.reuse):
             context, flags = CONTENDERS[name]
             run = [
                 *data_flags(work, family, seed, a.eval_size, context),
@@ -167,10 +170,24 @@ def main() -> None:
             finished = True
         if finished:
             layout.setdefault(family, {}).setdefault(name, []).append(folder)
-    report(layout, a, out)
+    report(layout, a, out, recorded)
 
 
-def report(layout: dict[str, dict[str, list[Path]]], a, out: Path) -> None:
+def recorded_runs(path: Path) -> dict[tuple[str, str, int], dict]:
+    """(family, contender, seed) -> the run's summary, from a report written earlier (its
+    run folders may be gone: --reuse then keeps them instead of running them again)."""
+    if not path.exists():
+        return {}
+    return {
+        (family, name, r["seed"]): r
+        for family, runs in json.loads(path.read_text()).items()
+        for name, seeds in runs.items()
+        for r in seeds
+        if "stated_steps_first" in r  # this study's runs, not docs/real_model.json's
+    }
+
+
+def report(layout: dict[str, dict[str, list[Path]]], a, out: Path, recorded: dict) -> None:
     """Tables (mean ± sd over seeds at every eval, minus GRPO on the same seed, the teacher
     check, stated intermediate results) into worked_solutions.md, the runs into
     worked_solutions.json, mean@2 and greedy curves into worked_solutions.png. GRPO and
@@ -192,6 +209,11 @@ def report(layout: dict[str, dict[str, list[Path]]], a, out: Path) -> None:
         }
         for f, c in layout.items()
     }
+    for (family, name, seed), summary in recorded.items():  # runs of an earlier --work
+        runs = results.setdefault(family, {}).setdefault(name, [])
+        if seed not in {r["seed"] for r in runs}:
+            runs.append(summary)
+            runs.sort(key=lambda r: r["seed"])
     if not results:
         sys.exit(f"no finished runs in {a.work}: run without --report-only first")
     finished = json.loads((ROOT / "docs" / "real_model.json").read_text())
