@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from config import ALGORITHMS, FULL_FINETUNE, PRESETS, Config, build
+from config import ALGORITHMS, BASELINES, FULL_FINETUNE, PRESETS, Config, build
 from harness.data import CONTEXT_TEMPLATES, INSTRUCTIONS, template_fields
 from harness.errors import UsageError
 from harness.loading import check_four_bit
@@ -24,6 +24,8 @@ from losses import AGG_MODES, DIVERGENCES, KL_CLAMP, KL_MODES
 from verifier import answer_format
 
 ALGOS = tuple(ALGORITHMS)
+# read from the presets, not listed again: the algorithms whose preset sets beta = 0
+NO_DISTILLATION = tuple(a for a, preset in ALGORITHMS.items() if preset.get("beta") == 0.0)
 NAME = re.compile(r"[\w-]+")  # one word or hyphenated token: a phrasing's name, never its text
 TEACHERS = ("live", "initial", "ema")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
@@ -358,11 +360,11 @@ def warn_uninformed(cfg: Config) -> None:
 def refuse_unused(given: dict) -> None:
     """A flag given for something this run does not do is bad input, not silently ignored."""
     algo = given.get("algo", Config.algo)
-    if algo in ("grpo", "opsd", "rlsd") and given.get("beta", 0.0) != 0.0:
+    if algo in NO_DISTILLATION and given.get("beta", 0.0) != 0.0:
         raise UsageError(f"--algo {algo} has no distillation term: drop --beta or use --algo sdpg")
-    if algo in ("opsd", "rlsd") and given.get("alpha", 0.0) != 0.0:
+    if algo in BASELINES and given.get("alpha", 0.0) != 0.0:
         raise UsageError(f"--algo {algo} has no reference anchor: drop --alpha or use --algo sdpg")
-    if "distill_divergence" in given and algo in ("grpo", "opsd", "rlsd"):
+    if "distill_divergence" in given and algo in NO_DISTILLATION:
         raise UsageError(f"--algo {algo} has no full-vocabulary distillation term: drop --distill-divergence")
     if "jsd_lambda" in given and given.get("distill_divergence") != "jsd":
         raise UsageError("--jsd-lambda weighs the JSD: add --distill-divergence jsd, or drop it")
@@ -377,7 +379,7 @@ def check(args: Config) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
             )
-    if args.teacher == "initial" and args.full_finetune and args.algo in ("sdpg", "opd"):
+    if args.teacher == "initial" and args.full_finetune and args.algo not in NO_DISTILLATION:
         raise UsageError(
             "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
             "changes: use LoRA (drop --full-finetune) or --teacher live"
@@ -387,7 +389,7 @@ def check(args: Config) -> None:
             f"--mini-batch-prompts {args.mini_batch_prompts} must divide --batch-prompts "
             f"{args.batch_prompts}: every optimizer step takes the same number of whole groups"
         )
-    if args.teacher_contrast and args.algo not in ("sdpg", "opd"):
+    if args.teacher_contrast and args.algo in NO_DISTILLATION:
         raise UsageError(
             f"--teacher-contrast changes the distillation teacher, and --algo {args.algo} has none"
         )
