@@ -21,6 +21,10 @@ from dataclasses import dataclass, fields
 from losses import DEFAULT_CHUNK, KL_CLAMP
 
 WARM_START_STEPS = 800  # supervised steps that warm-start --model tiny (harness/tiny_model.py)
+# The tiny task's difficulty: the share of the warm start's student-view rows that carry the
+# right answer (the rest carry a fixed wrong one), so how often the student samples it at
+# step 1. Lower is sparser reward; docs/regime_map.md maps it to the flat-group share.
+TINY_RIGHT_SHARE = 0.15
 # Short names of real models, for the `small` preset: (package that ships a GGUF file, the
 # file, the hub id).
 SHORT_NAMES = {
@@ -44,6 +48,7 @@ class Config:
     last_number_fallback: bool = True
     cache_dir: str | None = None
     tiny_warm_start_steps: int = WARM_START_STEPS
+    tiny_right_share: float = TINY_RIGHT_SHARE
     # ---- the objective
     algo: str = "sdpg"
     outcome_weight: float = 1.0  # w_pg: 0 for pure self-distillation (--algo opd)

@@ -46,14 +46,15 @@ VARIANTS = {  # a contender name -> its sdpg.py flags; any other name is an --al
 CONTENDERS = ["grpo", "sdpg", "opd", "opsd", "rlsd", "sdpg-ema", "sdpg-initial"]
 
 
-def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> dict:
-    """One training run of a contender (an --algo or a VARIANTS name) in its own process;
-    returns its eval curve and summary stats."""
-    folder = out / "runs" / f"{algo}-seed{seed}"
-    cmd = [
+def command(
+    flags: list[str], seed: int, steps: int, eval_every: int, folder: Path, extra: list[str]
+) -> list[str]:
+    """The sdpg.py command line of one run: a contender's flags, the seed and the shared
+    evaluation (mean@4 every `eval_every` steps), no checkpoints."""
+    return [
         sys.executable,
         str(ROOT / "sdpg.py"),
-        *VARIANTS.get(algo, ["--algo", algo]),
+        *flags,
         "--seed",
         str(seed),
         "--steps",
@@ -69,17 +70,31 @@ def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra:
         "0",
         *extra,
     ]
+
+
+def run_in_process(cmd: list[str], what: str) -> float:
+    """Run one training command with one thread (runs go side by side); its seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{algo} seed {seed} failed:\n{proc.stderr[-2000:]}")
-    rows = read_metrics(folder)
+        raise RuntimeError(f"{what} failed:\n{proc.stderr[-2000:]}")
+    return time.time() - t0
+
+
+def run_one(algo: str, seed: int, steps: int, eval_every: int, out: Path, extra: list[str]) -> dict:
+    """One training run of a contender (an --algo or a VARIANTS name) in its own process;
+    returns its eval curve and summary stats."""
+    folder = out / "runs" / f"{algo}-seed{seed}"
+    flags = VARIANTS.get(algo, ["--algo", algo])
+    seconds = run_in_process(command(flags, seed, steps, eval_every, folder, extra), f"{algo} seed {seed}")
+    return {"algo": algo, "seed": seed, "seconds": seconds, **summary(read_metrics(folder))}
+
+
+def summary(rows: list[dict]) -> dict:
+    """A run's eval curve [(step, mean@4, greedy, teacher greedy)] and its training means."""
     train = [r for r in rows if "reward" in r]
     return {
-        "algo": algo,
-        "seed": seed,
-        "seconds": time.time() - t0,
         "curve": [(r["step"], r[ACC], r["eval_greedy"], r["eval_teacher_greedy"]) for r in rows if ACC in r],
         "response_len": statistics.mean(r["response_len"] for r in train),
         "entropy": statistics.mean(r["entropy"] for r in train[-10:]),

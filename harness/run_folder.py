@@ -42,6 +42,8 @@ from harness.errors import UsageError
 # Arguments that must match to continue a run: anything else may change on resume.
 IDENTITY = (
     "model",
+    "tiny_warm_start_steps",
+    "tiny_right_share",
     "algo",
     "teacher",
     "full_finetune",

@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from config import WARM_START_STEPS
+from config import TINY_RIGHT_SHARE, WARM_START_STEPS
 from harness.cache import cache_root, filled_once
 from harness.data import arithmetic_split
 from rollout import Example, encode, prompt_texts
@@ -110,11 +110,15 @@ def build_tiny_model(
 
 
 def ensure_tiny_model(
-    cache_dir: str | None = None, seed: int = 0, warm_start_steps: int = WARM_START_STEPS
+    cache_dir: str | None = None,
+    seed: int = 0,
+    warm_start_steps: int = WARM_START_STEPS,
+    right_share: float = TINY_RIGHT_SHARE,
 ) -> Path:
     """The cached tiny model folder, built and warm-started on first use (`cache.filled_once`:
-    safe when several runs start at once or one is killed while building). 0 warm-start
-    steps keep the random initialisation."""
+    safe when several runs start at once or one is killed while building), one per setting.
+    0 warm-start steps keep the random initialisation; `right_share` sets the difficulty
+    (`sft_rows`)."""
 
     def build(folder: Path) -> None:
         build_tiny_model(folder, seed=seed)
@@ -122,11 +126,16 @@ def ensure_tiny_model(
             model = Qwen2ForCausalLM.from_pretrained(folder)
             tokenizer = Qwen2Tokenizer.from_pretrained(folder)
             torch.manual_seed(seed)
-            warm_start(model, tokenizer, warm_start_steps, seed=seed)
+            warm_start(model, tokenizer, warm_start_steps, right_share=right_share, seed=seed)
             model.save_pretrained(folder)
 
-    entry = cache_root(cache_dir) / f"tiny-{TINY_VERSION}-seed{seed}-warm{warm_start_steps}"
+    entry = cache_root(cache_dir) / entry_name(seed, warm_start_steps, right_share)
     return filled_once(entry, build, "the tiny model")
+
+
+def entry_name(seed: int, warm_start_steps: int, right_share: float) -> str:
+    """The cache folder's name: one per recipe version and setting."""
+    return f"tiny-{TINY_VERSION}-seed{seed}-warm{warm_start_steps}-right{right_share:g}"
 
 
 def misconception(ex: Example) -> str:
@@ -167,7 +176,7 @@ def warm_start(
     batch_size: int = 64,
     lr: float = 3e-3,
     teacher_share: float = 0.4,
-    right_share: float = 0.15,
+    right_share: float = TINY_RIGHT_SHARE,
     seed: int = 0,
     progress: bool = True,
 ) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from config import TINY_RIGHT_SHARE
 from harness.cache import filled_once
 from harness.errors import UsageError
 
@@ -142,7 +143,7 @@ def test_a_build_killed_midway_leaves_no_entry_and_the_next_run_repairs_it(tmp_p
 
     from harness import tiny_model
 
-    name = "tiny-" + tiny_model.TINY_VERSION + "-seed0-warm100000"
+    name = tiny_model.entry_name(0, 100000, TINY_RIGHT_SHARE)
     calls = []
     entry = filled_once(cache / name, lambda folder: calls.append((folder / "ok").touch()), "a test entry")
     assert calls and (entry / "ok").is_file()  # rebuilt under the lock the dead process dropped
@@ -185,7 +186,7 @@ def test_zero_warm_start_steps_keep_the_random_model(tiny_path, tmp_path):
     from harness import tiny_model
 
     folder = tiny_model.ensure_tiny_model(str(tmp_path), warm_start_steps=0)
-    assert folder.name == f"tiny-{tiny_model.TINY_VERSION}-seed0-warm0"
+    assert folder.name == tiny_model.entry_name(0, 0, TINY_RIGHT_SHARE)
     a = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
     b = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float32).state_dict()  # seed 0, untrained
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
