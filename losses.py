@@ -326,6 +326,15 @@ def _divergence_chunk(
     return out, log_q if grad else None
 
 
+def _teacher_head(
+    w: Tensor, b: Tensor | None, teacher_weight: Tensor | None, teacher_bias: Tensor | None, dtype
+) -> tuple[Tensor, Tensor | None]:
+    """The teacher's head in the compute dtype: its own (weight, bias), or the student's."""
+    if teacher_weight is None:
+        return w, b
+    return teacher_weight.to(dtype), None if teacher_bias is None else teacher_bias.to(dtype)
+
+
 class _ChunkedHead(torch.autograd.Function):
     """Student log-probs, the distillation divergence D(p, SG[q]) and entropy from hidden
     states, chunk by chunk.
@@ -336,7 +345,9 @@ class _ChunkedHead(torch.autograd.Function):
         logp[y] = log p(y)                        dlogp[y]/dz = onehot(y) - p
         H       = -sum_v p log p                  dH/dz       = -p * (log p + H)
 
-    and dz/dh = W / T, dz/dW = h / T. Only [N]- and [N, H]-sized tensors outlive a
+    and dz/dh = W / T, dz/dW = h / T. The teacher's logits are its own head's, W_q and
+    b_q (a full fine-tune's initial or EMA teacher), or the student's W, b when none is
+    given (LoRA leaves the head alone). Only [N]- and [N, H]-sized tensors outlive a
     chunk, so memory is O(chunk * V), never O(N * V). Token n's outputs depend on h_n
     alone, so when only the hidden states need a gradient (LoRA: the head is frozen)
     forward also stores the per-token Jacobians dD_n/dh_n and dlogp_n/dh_n ([N, H]
@@ -361,10 +372,13 @@ class _ChunkedHead(torch.autograd.Function):
         entropy_grad,
         divergence,
         lam,
+        teacher_weight,
+        teacher_bias,
     ):
         dtype = _compute_dtype(student)
         w = weight.to(dtype)  # [V, H]
         b = None if bias is None else bias.to(dtype)
+        wq, bq = _teacher_head(w, b, teacher_weight, teacher_bias, dtype)
         n = student.shape[0]
         kl, logp, entropy = (student.new_zeros(n, dtype=dtype) for _ in range(3))  # [N] each
         jac = {}  # name -> [N, H] per-token Jacobian, on the Jacobian path only
@@ -374,7 +388,7 @@ class _ChunkedHead(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             # teacher first: then at most three [n, V] tensors are alive at any moment
-            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, temperature)
+            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], wq, bq, temperature)
             log_p = _chunk_log_softmax(student[s:e], w, b, temperature)  # [n, V]
             if targets is not None:
                 logp[s:e] = log_p.gather(1, targets[s:e, None]).squeeze(1)
@@ -389,7 +403,9 @@ class _ChunkedHead(torch.autograd.Function):
             if jac and targets is not None:
                 torch.neg(p, out=log_p).scatter_add_(1, targets[s:e, None], torch.ones_like(log_p[:, :1]))
                 jac["logp"][s:e] = (log_p @ w) / temperature  # (onehot - p) W / T
-        ctx.save_for_backward(student, teacher, weight, bias, targets, kl, entropy, *jac.values())
+        ctx.save_for_backward(
+            student, teacher, weight, bias, targets, kl, entropy, teacher_weight, teacher_bias, *jac.values()
+        )
         ctx.temperature, ctx.chunk_size, ctx.jacobian_names = temperature, chunk_size, list(jac)
         ctx.divergence, ctx.lam = divergence, lam
         if not entropy_grad:
@@ -398,25 +414,28 @@ class _ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kl, grad_logp, grad_entropy):
-        student, teacher, weight, bias, targets, kl, entropy, *jacobians = ctx.saved_tensors
+        student, teacher, weight, bias, targets, kl, entropy, teacher_weight, teacher_bias, *jacobians = (
+            ctx.saved_tensors
+        )
         if jacobians:  # hidden states only: combine the stored Jacobians
             jac = dict(zip(ctx.jacobian_names, jacobians, strict=True))
             grad_h = jac["kl"] * grad_kl[:, None] + jac["logp"] * grad_logp[:, None]  # [N, H]
             if "entropy" in jac and grad_entropy is not None:
                 grad_h += jac["entropy"] * grad_entropy[:, None]
-            return grad_h.to(student.dtype), *[None] * 10
+            return grad_h.to(student.dtype), *[None] * 12
         T, chunk = ctx.temperature, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dtype = kl.dtype
         w = weight.to(dtype)  # [V, H]
         b = None if bias is None else bias.to(dtype)
+        wq, bq = _teacher_head(w, b, teacher_weight, teacher_bias, dtype)
         grad_h = torch.zeros_like(student, dtype=dtype) if need_h else None  # [N, H]
         grad_w = torch.zeros_like(w) if need_w else None  # [V, H]
         grad_b = torch.zeros_like(b) if need_b else None  # [V]
         for s in range(0, student.shape[0], chunk):
             e = min(s + chunk, student.shape[0])
             h = student[s:e].to(dtype)  # [n, H]
-            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], w, b, T)  # [n, V]
+            log_q = None if teacher is None else _chunk_log_softmax(teacher[s:e], wq, bq, T)  # [n, V]
             log_p = _chunk_log_softmax(h, w, b, T)  # [n, V]
             p = log_p.exp()  # [n, V]
             if log_q is not None:
@@ -442,7 +461,7 @@ class _ChunkedHead(torch.autograd.Function):
         grad_h = grad_h.to(student.dtype) if need_h else None
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, None, grad_w, grad_b, *[None] * 7
+        return grad_h, None, grad_w, grad_b, *[None] * 9
 
 
 def chunked_head(
@@ -457,6 +476,7 @@ def chunked_head(
     *,
     divergence: str = "reverse",
     jsd_lambda: float = 0.5,
+    teacher_head: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One chunked pass over the LM head: (logp [N], kl [N], entropy [N]).
 
@@ -466,12 +486,17 @@ def chunked_head(
     D(p, SG[q]) (`divergence`: reverse KL(p || q), the paper's; forward KL(q || p); or
     the generalized JSD at jsd_lambda; zeros if teacher_hidden is None); entropy is
     -sum p log p (with a gradient only when entropy_grad, for an entropy bonus).
+    teacher_head: the teacher's own (weight [V, H], bias [V] or None), no gradient; None:
+    the teacher's logits come from the student's head (weight, bias).
     Everything is computed in float32 (float64 stays float64) whatever the input dtype.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     check_divergence(divergence, jsd_lambda)
     teacher = None if teacher_hidden is None else teacher_hidden.detach()
+    teacher_weight, teacher_bias = (None, None) if teacher_head is None else teacher_head
+    teacher_weight = None if teacher_weight is None else teacher_weight.detach()
+    teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     head_needs_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     jacobians = torch.is_grad_enabled() and student_hidden.requires_grad and not head_needs_grad
     kl, logp, entropy = _ChunkedHead.apply(
@@ -486,6 +511,8 @@ def chunked_head(
         entropy_grad,
         divergence,
         jsd_lambda,
+        teacher_weight,
+        teacher_bias,
     )
     return logp, kl, entropy
 
@@ -500,10 +527,12 @@ def chunked_kl(
     *,
     divergence: str = "reverse",
     jsd_lambda: float = 0.5,
+    teacher_head: tuple[Tensor, Tensor | None] | None = None,
 ) -> Tensor:
     """The distillation divergence per token [N] from hidden states [N, H] and LM head [V, H].
 
-    Equal to divergence_from_logits(h_s W^T + b, h_t W^T + b, T, ...) but chunked over
+    Equal to divergence_from_logits(h_s W^T + b, h_t W_q^T + b_q, T, ...), with the
+    teacher's head (W_q, b_q) = teacher_head or the student's (W, b), but chunked over
     tokens so no [N, V] tensor exists in forward or backward; see _ChunkedHead.
     """
     return chunked_head(
@@ -516,6 +545,7 @@ def chunked_kl(
         chunk_size,
         divergence=divergence,
         jsd_lambda=jsd_lambda,
+        teacher_head=teacher_head,
     )[1]
 
 

@@ -298,12 +298,14 @@ def score_tokens(
     *,
     divergence: str = "reverse",
     jsd_lambda: float = 0.5,
+    teacher_head: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(logp, kl, entropy), each [B, T] and 0 on masked tokens, through the chunked head.
 
     Uses the sampling temperature, as the policy that produced the tokens did; kl is the
-    distillation divergence (`divergence`, see losses.chunked_head); the entropy carries
-    a gradient only with entropy_grad (an entropy bonus).
+    distillation divergence (`divergence`, see losses.chunked_head) to the teacher's
+    logits, from its own head `teacher_head` (weight, bias) or, None, from `head`; the
+    entropy carries a gradient only with entropy_grad (an entropy bonus).
     """
     m = response_mask.to(hidden.device).bool()  # [B, T]
     teacher = None if teacher_hidden is None else teacher_hidden[m]  # [N, H]
@@ -319,13 +321,14 @@ def score_tokens(
         entropy_grad,
         divergence=divergence,
         jsd_lambda=jsd_lambda,
+        teacher_head=teacher_head,
     )
     zeros = torch.zeros(m.shape, dtype=flat[0].dtype, device=hidden.device)  # [B, T]
     return tuple(zeros.masked_scatter(m, x) for x in flat)  # type: ignore[return-value]
 
 
 def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
-    """The contrastive teacher's hidden states, [B, T, H], float32, no gradient:
+    """The contrastive teacher's hidden states, [B, T, H], float32 (float64 stays), no gradient:
 
         q'_t ∝ p_t q_right,t / q_wrong,t,  i.e.  z' = z_student + z_right - z_wrong
 
@@ -340,7 +343,23 @@ def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
     target, whose optimum at each position is a point mass on the largest ratio; so the
     logged value (kl_contrast) is not a KL to any teacher, and a long run can lose
     entropy."""
-    return (student.detach().float() + right.float() - wrong.float()).detach()
+    dtype = torch.promote_types(student.dtype, torch.float32)  # float64 stays float64
+    return (student.detach().to(dtype) + right.to(dtype) - wrong.to(dtype)).detach()
+
+
+def contrast_teacher(
+    student: Tensor, right: Tensor, wrong: Tensor, head: nn.Linear, teacher_head: tuple | None
+) -> tuple[Tensor, tuple | None]:
+    """(hidden, teacher_head) of the contrastive teacher q' for `score_tokens`. With one
+    head for all three, `contrast_hidden` and no head of its own. A teacher with its own
+    head (W_q, b_q) gives z' = (h_s W^T + b) + (h_r - h_w) W_q^T: one linear head [W | W_q]
+    [V, 2H] over [h_s | h_r - h_w] [B, T, 2H], bias b."""
+    if teacher_head is None:
+        return contrast_hidden(student, right, wrong), None
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    hidden = torch.cat([student.detach().to(dtype), right.to(dtype) - wrong.to(dtype)], -1)  # [B, T, 2H]
+    weight = torch.cat([head.weight.detach(), teacher_head[0].to(head.weight.dtype)], 1)  # [V, 2H]
+    return hidden, (weight, None if head.bias is None else head.bias.detach())
 
 
 @torch.no_grad()
@@ -402,6 +421,26 @@ def reference_role(policy: Policy):
     else:
         with policy.model.disable_adapter():
             yield policy.model
+
+
+def teacher_head(policy: Policy, teacher: nn.Module, kind: str) -> tuple[Tensor, Tensor | None] | None:
+    """The teacher's own LM head (weight [V, H], bias [V] or None), detached, where it is
+    not the student's: a full fine-tune's frozen reference (--teacher initial) or its
+    averaged weights (--teacher ema: copied, as they are swapped back out after the
+    pass). None where the teacher reads the student's head: live, and with LoRA, which
+    leaves the head alone."""
+    head = teacher.get_output_embeddings()
+    params = [t for t in (head.weight, head.bias) if t is not None]
+    if teacher is not policy.model:
+        copy_ = False
+    elif kind == "ema" and any(t.requires_grad for t in params):
+        copy_ = True
+    else:
+        return None
+    w, b = (
+        None if t is None else t.detach().clone() if copy_ else t.detach() for t in (head.weight, head.bias)
+    )
+    return w, b
 
 
 @contextmanager

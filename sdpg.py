@@ -50,11 +50,12 @@ from rollout import (
     Policy,
     RolloutBatch,
     batched_logprobs,
-    contrast_hidden,
+    contrast_teacher,
     reference_role,
     response_hidden,
     rollout,
     score_tokens,
+    teacher_head,
     teacher_role,
 )
 
@@ -103,11 +104,9 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
             for s in range(start, end, cfg.micro_batch):
                 rows = slice(s, min(s + cfg.micro_batch, end))
                 mb, t1 = batch.rows(rows), clock()
-                teacher_h, wrong_h = teacher_hidden(policy, mb, cfg) if distill else (None, None)  # [b, T, H]
+                teacher = teacher_pass(policy, mb, cfg) if distill else None
                 t2 = clock()
-                loss, metrics, kl = micro_batch_loss(
-                    policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens
-                )
+                loss, metrics, kl = micro_batch_loss(policy, mb, cfg, beta, teacher, normalizer, tokens)
                 loss.backward()
                 if kl is not None:  # each response's summed distillation KL, on the last pass
                     kl_sums[rows] = kl.sum(1).cpu()
@@ -135,33 +134,35 @@ def sdpg_step(policy: Policy, optimizer: Optimizer, examples: list, step: int, c
     return metrics, batch
 
 
-def teacher_hidden(policy: Policy, mb: RolloutBatch, cfg: Config):
-    """The teacher's final hidden states [b, T, H] on the student's tokens, no grad, read
-    by the --teacher weights; with --teacher-contrast also those of the same teacher told
-    a wrong answer (else None)."""
+def teacher_pass(policy: Policy, mb: RolloutBatch, cfg: Config):
+    """The teacher's reading of the student's tokens, no grad, by the --teacher weights:
+    (its final hidden states [b, T, H], its own LM head or None where it reads the
+    student's (rollout.teacher_head), and with --teacher-contrast the hidden states of
+    the same teacher told a wrong answer, else None)."""
     with torch.no_grad(), teacher_role(policy, cfg.teacher) as teacher:
         right = response_hidden(teacher, mb.teacher_ids, mb.teacher_mask, mb.response_ids, mb.response_mask)
+        head = teacher_head(policy, teacher, cfg.teacher)
         if not cfg.teacher_contrast:
-            return right, None
+            return right, head, None
         ids, mask = mb.contrast_ids, mb.contrast_mask
-        return right, response_hidden(teacher, ids, mask, mb.response_ids, mb.response_mask)
+        return right, head, response_hidden(teacher, ids, mask, mb.response_ids, mb.response_mask)
 
 
-def micro_batch_loss(
-    policy, mb: RolloutBatch, cfg: Config, beta: float, teacher_h, wrong_h, normalizer, tokens
-):
+def micro_batch_loss(policy, mb: RolloutBatch, cfg: Config, beta: float, teacher, normalizer, tokens):
     """Stage 4 on one micro-batch: the student's hidden states (with grad), one chunked
-    pass over the LM head for log p(y_t), the distillation divergence to the teacher and
-    the entropy, then the SDPG loss: (loss, metrics, the distillation KL per token as it
-    enters the loss [b, T], detached; None without a teacher)."""
-    model = policy.model
+    pass over the LM head for log p(y_t), the distillation divergence to the teacher
+    (`teacher_pass`'s output, or None) and the entropy, then the SDPG loss: (loss,
+    metrics, the distillation KL per token as it enters the loss [b, T], detached; None
+    without a teacher)."""
+    model, head = policy.model, policy.model.get_output_embeddings()
     student_h = response_hidden(model, mb.student_ids, mb.student_mask, mb.response_ids, mb.response_mask)
+    teacher_h, own_head, wrong_h = teacher or (None, None, None)  # [b, T, H], (W_q, b_q), [b, T, H]
     if wrong_h is not None:  # q' ∝ p q_right / q_wrong: the context's style cancels
-        teacher_h = contrast_hidden(student_h, teacher_h, wrong_h)
+        teacher_h, own_head = contrast_teacher(student_h, teacher_h, wrong_h, head, own_head)
     logp, kl, entropy = score_tokens(
-        model.get_output_embeddings(), student_h, mb.response_ids, mb.response_mask, teacher_h,
-        cfg.temperature, cfg.kl_chunk_size, entropy_grad=cfg.entropy_coef > 0,
-        divergence=cfg.distill_divergence, jsd_lambda=cfg.jsd_lambda,
+        head, student_h, mb.response_ids, mb.response_mask, teacher_h, cfg.temperature,
+        cfg.kl_chunk_size, entropy_grad=cfg.entropy_coef > 0, divergence=cfg.distill_divergence,
+        jsd_lambda=cfg.jsd_lambda, teacher_head=own_head,
     )  # [b, T] each  # fmt: skip
     device, mask = logp.device, mb.response_mask.to(logp.device)
     inputs = Tokens(

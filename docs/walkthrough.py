@@ -44,7 +44,7 @@ from rollout import (  # noqa: E402
     rollout,
     score_tokens,
 )
-from sdpg import micro_batch_loss, teacher_hidden  # noqa: E402
+from sdpg import micro_batch_loss, teacher_pass  # noqa: E402
 from verifier import answer_format, make_verifier  # noqa: E402
 
 quiet_libraries()
@@ -116,7 +116,7 @@ mask = batch.response_mask  # [B*G, T]
 # next token.
 
 # %%
-teacher_h, _ = teacher_hidden(policy, batch, cfg)  # [B*G, T, H], no grad
+teacher_h, _, _ = teacher_pass(policy, batch, cfg)  # [B*G, T, H], no grad; LoRA: the student's head
 student_h = response_hidden(model, batch.student_ids, batch.student_mask, batch.response_ids, mask)
 logp, kl, _ = score_tokens(model.get_output_embeddings(), student_h, batch.response_ids, mask, teacher_h,
                            cfg.temperature, cfg.kl_chunk_size)  # [B*G, T] each  # fmt: skip
@@ -193,8 +193,8 @@ for start in range(0, len(batch.completions), rows_per_update):
     optimizer.zero_grad()
     for s in range(start, end, cfg.micro_batch):
         mb = batch.rows(slice(s, min(s + cfg.micro_batch, end)))
-        teacher_h, wrong_h = teacher_hidden(policy, mb, cfg)
-        loss, metrics, _ = micro_batch_loss(policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens)
+        teacher = teacher_pass(policy, mb, cfg)
+        loss, metrics, _ = micro_batch_loss(policy, mb, cfg, beta, teacher, normalizer, tokens)
         loss.backward()
         with torch.no_grad():  # how far the ratio is from 1 on this micro-batch's tokens
             now = response_logprobs(model, mb, cfg.temperature)  # [b, T]

@@ -386,11 +386,6 @@ def check(args: Config) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
             )
-    if args.teacher == "initial" and args.full_finetune and args.algo not in NO_DISTILLATION:
-        raise UsageError(
-            "--teacher initial reads the reference through the policy's LM head, which a full fine-tune "
-            "changes: use LoRA (drop --full-finetune) or --teacher live"
-        )
     if args.batch_prompts % args.mini_batch_prompts:
         raise UsageError(
             f"--mini-batch-prompts {args.mini_batch_prompts} must divide --batch-prompts "

@@ -18,7 +18,7 @@ from harness.data import arithmetic_split, with_wrong_answers
 from harness.loading import resolve_model_path
 from harness.optim import Optimizer
 from harness.tiny_model import TINY_VERSION
-from losses import loss_normalizer
+from losses import kl_from_logits, loss_normalizer
 from rollout import EmaWeights, response_logprobs, rollout
 from verifier import Verdict, reward
 
@@ -39,10 +39,8 @@ def accumulate(policy, batch, cfg, beta, adv, ref_logp=None, old_logp=None):
     for s in range(0, mask.shape[0], cfg.micro_batch):
         mb = batch.rows(slice(s, s + cfg.micro_batch))
         distill = beta > 0 or cfg.outcome_weight == 0
-        teacher_h, wrong_h = sdpg.teacher_hidden(policy, mb, cfg) if distill else (None, None)
-        loss, metrics, _ = sdpg.micro_batch_loss(
-            policy, mb, cfg, beta, teacher_h, wrong_h, normalizer, tokens
-        )
+        teacher = sdpg.teacher_pass(policy, mb, cfg) if distill else None
+        loss, metrics, _ = sdpg.micro_batch_loss(policy, mb, cfg, beta, teacher, normalizer, tokens)
         loss.backward()
         total += metrics["loss"]
     return total
@@ -235,7 +233,7 @@ def test_gradient_equals_independent_full_logits_loss(
         torch.testing.assert_close(ours[n].double(), theirs[n].double(), rtol=1e-4, atol=1e-7)
     if off_policy:  # every clip region, the dual clip included, is visited
         batch.old_logp = old_logp
-        _, m, _ = sdpg.micro_batch_loss(policy, batch, args, 0.0, None, None, None, 1.0)
+        _, m, _ = sdpg.micro_batch_loss(policy, batch, args, 0.0, None, None, 1.0)
         assert 0 < m["clipfrac"] < 1 and m["clipfrac_lower"] > 0
 
 
@@ -761,3 +759,64 @@ def test_the_contrast_teacher_logs_its_quantity_under_its_own_name(tiny_path):
     m, _ = sdpg.sdpg_step(policy, optimizer, with_wrong_answers(EXAMPLES)[:2], 0, args, varied_reward)
     assert m["kl_contrast"] >= 0 and not [k for k in m if k.startswith("kl_distill")]
     assert {"kl_contrast_flat", "kl_contrast_mixed"} & set(m)
+
+
+@pytest.mark.parametrize(
+    "teacher, contrast",
+    [("live", False), ("initial", False), ("ema", False), ("initial", True), ("ema", True)],
+)
+def test_full_finetune_teacher_logits_come_from_the_teachers_own_weights_head_included(
+    tiny_path, teacher, contrast
+):
+    """A full fine-tune trains the tied embeddings, so the student's head is not the
+    teacher's: the KL must be the one from the teacher model's own full logits (float64)."""
+    extra = ["--teacher-contrast"] if contrast else []
+    args = make_args(
+        tiny_path,
+        "--full-finetune",
+        "--teacher",
+        teacher,
+        "--beta",
+        "0.5",
+        "--alpha",
+        "0",
+        "--kl-clamp",
+        "0",
+        *extra,
+    )
+    policy = load_small_policy(args)
+    model = policy.model.double()
+    policy.frozen_reference.double()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the student moves away from the reference, its head (the embeddings) too
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.05)
+    teacher_model = {"live": model, "initial": policy.frozen_reference}.get(teacher)
+    if teacher == "ema":  # an average that is neither the student nor the reference
+        policy.ema = EmaWeights(model.parameters(), 0.9)
+        for w in policy.ema.shadow:
+            w.add_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * 0.05)
+        teacher_model = AutoModelForCausalLM.from_pretrained(tiny_path, dtype=torch.float64)
+        with torch.no_grad():
+            for p, s in zip(teacher_model.parameters(), policy.ema.shadow, strict=True):
+                p.copy_(s)
+    batch = rollout(
+        model, policy.tokenizer, with_wrong_answers(EXAMPLES)[:2], 4, 6, seed=3, contrast=contrast
+    )
+    batch.advantages = torch.zeros(8, dtype=torch.float64)
+    student_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    _, _, kl = sdpg.micro_batch_loss(
+        policy, batch, args, 0.5, sdpg.teacher_pass(policy, batch, args), None, 1.0
+    )
+
+    with torch.no_grad():
+        z_student = full_logits(model, batch, batch.student_ids, batch.student_mask)  # [B*G, T, V]
+        z_teacher = full_logits(teacher_model, batch, batch.teacher_ids, batch.teacher_mask)
+        if contrast:  # q' ∝ p q_right / q_wrong, each from its own model's full logits
+            z_wrong = full_logits(teacher_model, batch, batch.contrast_ids, batch.contrast_mask)
+            z_teacher = z_student + z_teacher - z_wrong
+        expected = kl_from_logits(z_student, z_teacher) * batch.response_mask  # [B*G, T]
+    assert expected.abs().max() > 1e-5  # the teacher differs from the student
+    torch.testing.assert_close(kl.double(), expected, rtol=1e-9, atol=1e-11)
+    assert all(torch.equal(student_before[n], p) for n, p in model.named_parameters())  # EMA swapped back
