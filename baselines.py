@@ -137,7 +137,7 @@ def baseline_step(policy: Policy, optimizer: Optimizer, examples: list, step: in
 
 
 def _teacher_gap(teacher_logp: Tensor, old_logp: Tensor) -> Tensor:
-    """log pi_T(y_t | c, x) - log pi_old(y_t | x), no gradient, NaN -> 0 (a token both
+    """log pi_T(y_t | x, c) - log pi_old(y_t | x), no gradient, NaN -> 0 (a token both
     give probability 0), clamped to +-LOG_RATIO_CLAMP."""
     gap = (teacher_logp - old_logp).detach().nan_to_num(0.0)
     return gap.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -155,7 +155,7 @@ def opsd_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """OPSD (On-Policy Self-Distillation) with the authors' stability fixes:
 
-        w_t = clamp(log pi_ref(y_t | c, x) - log pi_old(y_t | x), 0, 20)     no gradient
+        w_t = clamp(log pi_ref(y_t | x, c) - log pi_old(y_t | x), 0, 20)     no gradient
         r_t = exp(clamp(log pi_theta - log pi_old, -20, 20))
         L_t = -w_t min(r_t, clip(r_t, 1 - eps_low, 1 + eps_high))         only where A > 0
 
@@ -200,7 +200,7 @@ def rlsd_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """RLSD (RLVR with Self-Distillation): the teacher only rescales each token's advantage.
 
-        delta_t = clamp(log pi_T(y_t | c, x) - log pi_old(y_t | x), -20, 20)    no gradient
+        delta_t = clamp(log pi_T(y_t | x, c) - log pi_old(y_t | x), -20, 20)    no gradient
         w_t     = exp(clamp(sign(A) delta_t, -20, 20))
         Ahat_t  = A clip(w_t, 1 - eps_w, 1 + eps_w)
         A_t     = (1 - lambda) A + lambda Ahat_t

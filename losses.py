@@ -8,8 +8,9 @@ three signals, summed per response token t of response i and averaged over token
       + alpha * f(log w_t)                                 anchor to the reference
 
 - A_i = (R_i - mean_G R) / (std_G R + eps) is the group-normalised advantage.
-- p_t = pi_theta(. | x, y<t) is the student, q_t = pi_theta(. | c, x, y<t) is the same
-  model shown the privileged context c (the teacher); SG = stop-gradient.
+- p_t = pi_theta(. | x, y<t) is the student, q_t = pi_theta(. | x, c, y<t) is the same
+  model shown the privileged context c after the question (the teacher); SG =
+  stop-gradient. The KL is clamped at 20 nats a token (KL_CLAMP): above it, no gradient.
 - g_i = 1[A_i > 0] when the positive-advantage gate is on, else 1 (the default).
 - beta(k) = beta, constant by default (as the authors' script); `beta_schedule` adds an
   optional linear warm-up and decay.

@@ -2,7 +2,7 @@
 
 One model plays three roles (`Policy`, `teacher_role`, `reference_role`):
   student    pi_theta(.|x)      LoRA on: samples G responses per prompt, gets the gradient
-  teacher    pi_theta(.|c, x)   LoRA on, the privileged context c in its prompt, no gradient
+  teacher    pi_theta(.|x, c)   LoRA on, the privileged context c in its prompt, no gradient
              (--teacher initial: the reference's weights; ema: a moving average)
   reference  pi_ref(.|x)        the same weights with the LoRA adapter switched off
 
@@ -10,7 +10,7 @@ Every example is shown to the model twice (`prompt_texts`), in the authors' form
 chat messages whose first message holding [TEACHER_CONTEXT_TOKEN] splits there, once:
   student view  x       that message's content before the token: the question and the
                         instruction to answer
-  teacher view  (c, x)  the same text immediately followed by everything after the token,
+  teacher view  (x, c)  the same text immediately followed by everything after the token,
                         the privileged context c (by default a sentence with the answer)
 
 The student view is sampled G times with HF `generate` (left padding, KV cache). The
@@ -109,7 +109,7 @@ def render(tokenizer, messages: list[dict[str, str]]) -> str:
 
 
 def prompt_texts(tokenizer, ex: Example) -> tuple[str, str]:
-    """(student prompt x, teacher prompt (c, x)) for one example, as the model reads them."""
+    """(student prompt x, teacher prompt (x, c)) for one example, as the model reads them."""
     student, teacher = views(ex.messages)
     return render(tokenizer, student), render(tokenizer, teacher)
 

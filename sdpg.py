@@ -1,7 +1,7 @@
 """sdpg.py: train a causal LM with Self-Distilled Policy Gradient (arXiv 2606.04036).
 
 One model in three roles (rollout.py): the student pi_theta(.|x) samples and learns; the
-teacher is the same model reading the privileged context c, pi_theta(.|c, x), with no
+teacher is the same model reading the privileged context c, pi_theta(.|x, c), with no
 gradient; the reference pi_ref is the same weights with the LoRA adapter off. One step
 (`sdpg_step`), in five stages:
 
