@@ -27,6 +27,10 @@ KL(SG[q_t] || p_t) and the generalized Jensen-Shannon divergence.
 `sdpg_loss` reads one micro-batch's `Tokens` and the run's configuration (config.Config:
 alpha, kl_mode, the clip ranges, ...); the paper's baselines have their own losses, in
 baselines.py.
+
+Reading order: the objective first, top to bottom (its terms, the divergences' readable
+references, `Tokens`, `sdpg_loss`); the chunked LM head, memory engineering, comes last
+under its own heading and can be skipped on a first reading.
 """
 
 from __future__ import annotations
@@ -259,6 +263,90 @@ def _log_softmaxes(
 def _log_mixture(log_p: Tensor, log_q: Tensor, lam: float) -> Tensor:
     """log((1 - lam) p + lam q), stable: logsumexp of the two shifted log-probabilities."""
     return torch.logaddexp(log_p + math.log1p(-lam), log_q + math.log(lam))
+
+
+def aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
+    """Masked mean of a [B, T] loss: over all tokens, or per sequence then over rows.
+
+    normalizer replaces this call's own count (tokens, or rows for seq-mean) so that
+    micro-batches summed under gradient accumulation give the whole batch's mean.
+    """
+    m = mask.to(per_token.dtype)
+    per_token = per_token.masked_fill(~mask.bool(), 0.0)
+    if agg == "token-mean":
+        return (per_token * m).sum() / (normalizer or m.sum().clamp(min=1.0))
+    if agg == "seq-mean-token-mean":
+        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # [B]
+        return per_seq.sum() / (normalizer or per_token.shape[0])
+    raise ValueError(f"unknown loss aggregation {agg!r}: choose one of {', '.join(AGG_MODES)}")
+
+
+@dataclass
+class Tokens:
+    """What the loss reads about one (micro-)batch of B responses of T tokens: [B, T]
+    unless noted; None where the run has no such term."""
+
+    logp: Tensor  # log pi_theta(y_t | x, y<t), with gradient
+    old_logp: Tensor  # log pi_old(y_t): the PPO ratio's base, no gradient
+    advantages: Tensor  # [B]: A_i, one per response
+    mask: Tensor  # 1 on response tokens, 0 on padding
+    kl: Tensor | None = None  # D(p_t, SG[q_t]) per token: SDPG's distillation term
+    ref_logp: Tensor | None = None  # log pi_ref(y_t): the anchor
+
+
+def loss_normalizer(mask: Tensor, agg: str) -> float:
+    """What a (mini-)batch's summed loss is divided by: its tokens (token-mean) or its rows
+    (seq-mean-token-mean). Passing the whole mini-batch's count to each micro-batch makes
+    gradient accumulation exact."""
+    return float(mask.sum()) if agg == "token-mean" else float(mask.shape[0])
+
+
+def sdpg_loss(
+    tokens: Tokens, cfg, *, beta: float = 0.0, normalizer: float | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """The SDPG objective on one (micro-)batch; see the module docstring.
+
+    cfg: the run's config.Config (read: outcome_weight w_pg, alpha, kl_mode,
+    positive_adv_only, kl_clamp, eps_low, eps_high, clip_c, loss_agg); beta: this step's
+    beta(k). tokens.kl is the per-token distillation divergence (from chunked_head),
+    clamped at cfg.kl_clamp nats; it may be None when beta == 0, and tokens.ref_logp may
+    be None when alpha == 0. Returns the scalar loss and float metrics (masked means over
+    this call's tokens; kl_distill is the clamped divergence that enters the loss).
+    """
+    t, s = tokens, cfg
+    kl, mask, advantages = t.kl, t.mask, t.advantages
+    if beta != 0.0 and kl is None:
+        raise ValueError("beta != 0 needs the per-token distillation kl")
+    if s.alpha != 0.0 and t.ref_logp is None:
+        raise ValueError("alpha != 0 needs the reference log-probs ref_logp")
+    pg, stats = clipped_policy_loss(t.logp, t.old_logp, advantages, mask, s.eps_low, s.eps_high, s.clip_c)
+    per_token = s.outcome_weight * pg  # [B, T]
+    pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
+    metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
+    if kl is not None:
+        kl = kl.masked_fill(pad, 0.0)
+        if s.kl_clamp is not None:
+            kl = kl.clamp(max=s.kl_clamp)
+        adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
+        gate = (adv > 0).to(kl.dtype)[:, None] if s.positive_adv_only else 1.0  # [B, 1]
+        per_token = per_token + beta * gate * kl
+        metrics["kl_distill"] = float(masked_mean(kl.detach(), mask))
+    if t.ref_logp is not None:
+        lp, rlp = t.logp.masked_fill(pad, 0.0), t.ref_logp.masked_fill(pad, 0.0)  # [B, T]
+        anchor = reference_kl(lp, rlp, s.kl_mode).masked_fill(pad, 0.0)
+        per_token = per_token + s.alpha * anchor
+        metrics["anchor"] = float(masked_mean(anchor.detach(), mask))  # f(log w): not a KL
+        metrics["ref_kl"] = float(masked_mean(k3(lp.detach(), rlp), mask))  # KL(pi_theta || pi_ref)
+    loss = aggregate(per_token, mask, s.loss_agg, normalizer)
+    metrics.update({k: float(v) for k, v in stats.items()})
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- the chunked LM head
+# Memory engineering, to skip on a first reading: the same divergences, log-probs and
+# entropy as above, computed from final hidden states chunk by chunk so that no [N, V]
+# logits tensor exists. tests/test_losses.py proves them equal to the naive references.
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -548,81 +636,3 @@ def chunked_kl(
         jsd_lambda=jsd_lambda,
         teacher_head=teacher_head,
     )[1]
-
-
-def aggregate(per_token: Tensor, mask: Tensor, agg: str, normalizer: float | None) -> Tensor:
-    """Masked mean of a [B, T] loss: over all tokens, or per sequence then over rows.
-
-    normalizer replaces this call's own count (tokens, or rows for seq-mean) so that
-    micro-batches summed under gradient accumulation give the whole batch's mean.
-    """
-    m = mask.to(per_token.dtype)
-    per_token = per_token.masked_fill(~mask.bool(), 0.0)
-    if agg == "token-mean":
-        return (per_token * m).sum() / (normalizer or m.sum().clamp(min=1.0))
-    if agg == "seq-mean-token-mean":
-        per_seq = (per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)  # [B]
-        return per_seq.sum() / (normalizer or per_token.shape[0])
-    raise ValueError(f"unknown loss aggregation {agg!r}: choose one of {', '.join(AGG_MODES)}")
-
-
-@dataclass
-class Tokens:
-    """What the loss reads about one (micro-)batch of B responses of T tokens: [B, T]
-    unless noted; None where the run has no such term."""
-
-    logp: Tensor  # log pi_theta(y_t | x, y<t), with gradient
-    old_logp: Tensor  # log pi_old(y_t): the PPO ratio's base, no gradient
-    advantages: Tensor  # [B]: A_i, one per response
-    mask: Tensor  # 1 on response tokens, 0 on padding
-    kl: Tensor | None = None  # D(p_t, SG[q_t]) per token: SDPG's distillation term
-    ref_logp: Tensor | None = None  # log pi_ref(y_t): the anchor
-
-
-def loss_normalizer(mask: Tensor, agg: str) -> float:
-    """What a (mini-)batch's summed loss is divided by: its tokens (token-mean) or its rows
-    (seq-mean-token-mean). Passing the whole mini-batch's count to each micro-batch makes
-    gradient accumulation exact."""
-    return float(mask.sum()) if agg == "token-mean" else float(mask.shape[0])
-
-
-def sdpg_loss(
-    tokens: Tokens, cfg, *, beta: float = 0.0, normalizer: float | None = None
-) -> tuple[Tensor, dict[str, float]]:
-    """The SDPG objective on one (micro-)batch; see the module docstring.
-
-    cfg: the run's config.Config (read: outcome_weight w_pg, alpha, kl_mode,
-    positive_adv_only, kl_clamp, eps_low, eps_high, clip_c, loss_agg); beta: this step's
-    beta(k). tokens.kl is the per-token distillation divergence (from chunked_head),
-    clamped at cfg.kl_clamp nats; it may be None when beta == 0, and tokens.ref_logp may
-    be None when alpha == 0. Returns the scalar loss and float metrics (masked means over
-    this call's tokens; kl_distill is the clamped divergence that enters the loss).
-    """
-    t, s = tokens, cfg
-    kl, mask, advantages = t.kl, t.mask, t.advantages
-    if beta != 0.0 and kl is None:
-        raise ValueError("beta != 0 needs the per-token distillation kl")
-    if s.alpha != 0.0 and t.ref_logp is None:
-        raise ValueError("alpha != 0 needs the reference log-probs ref_logp")
-    pg, stats = clipped_policy_loss(t.logp, t.old_logp, advantages, mask, s.eps_low, s.eps_high, s.clip_c)
-    per_token = s.outcome_weight * pg  # [B, T]
-    pad = ~mask.bool()  # padding may hold anything: keep it out of exp() and out of grads
-    metrics = {"pg_loss": float(masked_mean(pg.detach(), mask))}
-    if kl is not None:
-        kl = kl.masked_fill(pad, 0.0)
-        if s.kl_clamp is not None:
-            kl = kl.clamp(max=s.kl_clamp)
-        adv = advantages if advantages.dim() == 1 else advantages[:, 0]  # [B]
-        gate = (adv > 0).to(kl.dtype)[:, None] if s.positive_adv_only else 1.0  # [B, 1]
-        per_token = per_token + beta * gate * kl
-        metrics["kl_distill"] = float(masked_mean(kl.detach(), mask))
-    if t.ref_logp is not None:
-        lp, rlp = t.logp.masked_fill(pad, 0.0), t.ref_logp.masked_fill(pad, 0.0)  # [B, T]
-        anchor = reference_kl(lp, rlp, s.kl_mode).masked_fill(pad, 0.0)
-        per_token = per_token + s.alpha * anchor
-        metrics["anchor"] = float(masked_mean(anchor.detach(), mask))  # f(log w): not a KL
-        metrics["ref_kl"] = float(masked_mean(k3(lp.detach(), rlp), mask))  # KL(pi_theta || pi_ref)
-    loss = aggregate(per_token, mask, s.loss_agg, normalizer)
-    metrics.update({k: float(v) for k, v in stats.items()})
-    metrics["loss"] = float(loss.detach())
-    return loss, metrics
