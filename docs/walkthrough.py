@@ -27,6 +27,7 @@ from harness.loading import load_policy, load_tokenizer  # noqa: E402
 from harness.optim import Optimizer  # noqa: E402
 from harness.session import quiet_libraries  # noqa: E402
 from losses import (  # noqa: E402
+    aggregate,
     beta_schedule,
     clipped_policy_loss,
     group_advantages,
@@ -157,12 +158,31 @@ with torch.no_grad():
         shown = ", ".join(f"{tokenizer.decode([i])!r} {v:.2f}" for v, i in zip(*top, strict=True))
         print(f"  row {r} (gold {batch.answers[r]}), after {tokenizer.decode(batch.response_ids[r, :t])!r}: "
               f"{name}: {shown}")  # fmt: skip
+
+
+def length_sentence(sum_a: float, loss: float, lengths: torch.Tensor) -> str:
+    """What the mixed groups' outcome loss says about the token-mean, from its numbers."""
+    if bool((lengths == lengths[0]).all()):
+        return (f"The mixed groups' advantages sum to {sum_a:.1e} and every mixed response has "
+                f"{int(lengths[0])} tokens, so their outcome loss is {loss:.4f} too; its gradient is "
+                "not 0 (each token's log-prob moves with its own response's advantage).")  # fmt: skip
+    return (
+        f"The mixed groups' advantages sum to {sum_a:.1e}, yet their outcome loss is {loss:.4f}: the "
+        "token-mean weighs each response by its length, so long and short answers do not cancel."
+    )
+
+
 mixed_rows = ~flat
 sum_a = float(batch.advantages[mixed_rows].sum())
-lengths = mask.sum(1).float()
+lengths = mask.sum(1).float()  # [B*G]
 pg_mixed = float(-(batch.advantages * lengths)[mixed_rows].sum() / lengths[mixed_rows].sum())
-print(f"The mixed groups' advantages sum to {sum_a:.1e}, yet their outcome loss is {pg_mixed:.4f}: the")
-print("token-mean weighs each response by its length, so long and short answers do not cancel.")
+print(length_sentence(sum_a, pg_mixed, lengths[mixed_rows]))
+# The length effect on its own: one group's two responses, A = +1 and -1, of 2 and 6 tokens, on-policy.
+two_mask = torch.tensor([[1.0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])  # [2, 6]
+two_pg, _ = clipped_policy_loss(torch.zeros(2, 6), torch.zeros(2, 6), torch.tensor([1.0, -1.0]), two_mask)
+two = float(aggregate(two_pg, two_mask, "token-mean", None))
+print(f"Two responses of one group, A = +1 and -1, of 2 and 6 tokens: token-mean outcome loss {two:+.3f} "
+      "= (-2 + 6) / 8, not 0: the longer answer weighs more.")  # fmt: skip
 
 # %% [markdown]
 # The chunked KL is the KL: the same values from full [B*G, T, V] logits, the tensor the

@@ -6,6 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,5 +28,13 @@ def test_the_walkthrough_takes_one_whole_step_and_its_numbers_hold(tmp_path, mon
     assert run["norms"]["mixed"]["outcome"] > 1e-4
     assert run["ratio_gaps"][0] < 1e-4 and run["ratio_gaps"][-1] > 1e-3
     assert run["flat"].any() and (~run["flat"]).any()
-    assert abs(run["sum_a"]) < 1e-5 and run["pg_mixed"] != 0.0  # advantages cancel, the token-mean does not
+    assert abs(run["sum_a"]) < 1e-5  # a group's advantages cancel
+    assert run["two"] == pytest.approx(0.5)  # (-2 + 6) / 8: the token-mean does not
+    # the sentence follows its numbers: equal lengths cancel, unequal ones do not
+    say = run["length_sentence"]
+    same = say(0.0, 0.0, torch.tensor([7.0, 7.0, 7.0]))
+    assert "every mixed response has 7 tokens" in same and "do not cancel" not in same
+    assert "do not cancel" in say(0.0, 0.25, torch.tensor([2.0, 6.0]))
+    equal = bool((run["lengths"][run["mixed_rows"]] == run["lengths"][run["mixed_rows"]][0]).all())
+    assert equal == (abs(run["pg_mixed"]) < 1e-6)
     assert list(scratch.iterdir()) == []
