@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from config import BASELINES, Config
 from harness import run_folder, session
-from harness.evaluation import EXPLICIT_ANSWERS, drift_warning, evaluate, format_accuracy
+from harness.evaluation import EXPLICIT_ANSWERS, drift_warnings, evaluate, format_accuracy
 from harness.optim import Optimizer, clock, peak_memory_gb
 from losses import Tokens, beta_schedule, group_advantages, loss_normalizer, masked_mean, sdpg_loss
 from rollout import (
@@ -250,7 +250,8 @@ def train(run: session.Run) -> int:
     bar = tqdm(
         range(run.start, cfg.steps), desc=cfg.algo, dynamic_ncols=True, initial=run.start, total=cfg.steps
     )
-    watch_teacher = cfg.beta > 0 or cfg.algo in BASELINES  # a run that learns from its teacher
+    # a run that learns from its teacher watches it drift: each kind of warning once per run
+    watching = {"accuracy", "style"} if cfg.beta > 0 or cfg.algo in BASELINES else set()
     with run_folder.StopOnCtrlC() as ctrl_c:
         for step in bar:
             examples = run.data_for_step(step)
@@ -264,10 +265,10 @@ def train(run: session.Run) -> int:
             evaluated = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
             if evaluated:
                 metrics.update(evaluate(policy, eval_set, cfg, run.verifier))
-                warning = drift_warning(metrics) if watch_teacher else None
-                if warning:
-                    print(warning, file=sys.stderr)
-                    watch_teacher = False  # once per run
+                for kind, warning in drift_warnings(metrics).items():
+                    if kind in watching:
+                        print(warning, file=sys.stderr)
+                        watching.discard(kind)
             log.metrics(metrics, plot=evaluated)
             kl = metrics.get("kl_distill", metrics.get("kl_contrast", 0.0))
             bar.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{kl:.3g}")

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import torch
 
 from config import Config
-from harness.teacher_context import MARGIN
+from harness.teacher_context import MARGIN, much_longer
 from rollout import Policy, rollout, teacher_role
 
 EVAL_ROWS = 256  # responses per generate call in evaluation: bounds the KV cache with k = 32
@@ -32,7 +32,9 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
     settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
     settings.append(("teacher_greedy", 0.0, 1, "teacher"))
     scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
-    answered, lengths, truncated, teacher_lengths, teacher_truncated = [], [], [], [], []
+    answered, lengths, truncated = [], [], []
+    view_lengths = {"greedy": [], "teacher_greedy": []}  # greedy, both views: the style check's rule
+    view_truncated = {"greedy": [], "teacher_greedy": []}
     per_call = max(1, EVAL_ROWS // k)
     for s in range(0, len(examples), per_call):
         chunk = examples[s : s + per_call]
@@ -57,9 +59,9 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
                 answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
                 lengths += b.response_mask.sum(1).tolist()
                 truncated += b.truncated.tolist()
-            if name == "teacher_greedy":  # the style the student is pulled toward
-                teacher_lengths += b.response_mask.sum(1).tolist()
-                teacher_truncated += b.truncated.tolist()
+            if name in view_lengths:  # the teacher's: the style the student is pulled toward
+                view_lengths[name] += b.response_mask.sum(1).tolist()
+                view_truncated[name] += b.truncated.tolist()
     sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
     return {
         f"eval_mean@{k}": float(sampled.mean()),
@@ -68,9 +70,15 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
         "eval_answered": sum(answered) / len(answered),
         "eval_truncated": sum(truncated) / len(truncated),
         "eval_response_len": sum(lengths) / len(lengths),
-        "eval_teacher_truncated": sum(teacher_truncated) / len(teacher_truncated),
-        "eval_teacher_len": sum(teacher_lengths) / len(teacher_lengths),
+        "eval_greedy_truncated": mean(view_truncated["greedy"]),
+        "eval_greedy_len": mean(view_lengths["greedy"]),
+        "eval_teacher_truncated": mean(view_truncated["teacher_greedy"]),
+        "eval_teacher_len": mean(view_lengths["teacher_greedy"]),
     }
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def format_accuracy(evaluation: dict[str, float]) -> str:
@@ -82,19 +90,35 @@ def format_accuracy(evaluation: dict[str, float]) -> str:
     )
 
 
-def drift_warning(evaluation: dict[str, float]) -> str | None:
-    """The warning line when the teacher view no longer answers held-out questions better
-    than the student by the teacher check's margin (greedy, both views); else None. The
-    live teacher is made of the weights being trained, so what it knows can erode while
-    the student learns; past that point SDPG pulls the student toward a teacher that
-    knows no more than it does."""
+def drift_warnings(evaluation: dict[str, float]) -> dict[str, str]:
+    """The warnings that hold at this evaluation, by kind. The live teacher is made of the
+    weights being trained, so what it knows and how it writes can drift while the student
+    learns:
+      accuracy  the teacher view no longer answers held-out questions better than the
+                student by the teacher check's margin (greedy, both views): SDPG now
+                pulls toward a teacher that knows no more;
+      style     the teacher view's answers are much longer or more often cut off than
+                the student's (greedy, both views; the teacher check's rule,
+                teacher_context.much_longer): the student is pulled toward that style."""
+    out = {}
     teacher, student = evaluation["eval_teacher_greedy"], evaluation["eval_greedy"]
-    if round(teacher - student, 9) >= MARGIN:  # rounded: 0.3 - 0.2 is ahead by the margin
-        return None
-    return (
-        f"warning: the teacher view is no longer ahead of the student on held-out questions (greedy "
-        f"{100 * teacher:.1f}% vs {100 * student:.1f}%, {100 * (teacher - student):+.1f} points; SDPG needs "
-        f"{100 * MARGIN:.0f}): distillation now pulls toward a teacher that knows no more. Options: "
-        "--teacher initial (the frozen initial model reads the context), --teacher ema (a slow average), "
-        "or a context that tells the teacher more (a worked solution). Printed once per run."
-    )
+    if round(teacher - student, 9) < MARGIN:  # rounded: 0.3 - 0.2 is ahead by the margin
+        out["accuracy"] = (
+            f"warning: the teacher view is no longer ahead of the student on held-out questions (greedy "
+            f"{100 * teacher:.1f}% vs {100 * student:.1f}%, {100 * (teacher - student):+.1f} points; SDPG "
+            f"needs {100 * MARGIN:.0f}): distillation now pulls toward a teacher that knows no more. "
+            "Options: --teacher initial (the frozen initial model reads the context), --teacher ema (a "
+            "slow average), or a context that tells the teacher more (a worked solution). Printed once per "
+            "run."
+        )
+    t_len, t_cut = evaluation["eval_teacher_len"], evaluation["eval_teacher_truncated"]
+    s_len, s_cut = evaluation["eval_greedy_len"], evaluation["eval_greedy_truncated"]
+    if much_longer(t_len, t_cut, s_len, s_cut):
+        out["style"] = (
+            f"warning: the teacher view now writes much longer held-out answers than the student (greedy "
+            f"{t_len:.0f} vs {s_len:.0f} tokens; cut off at --max-new-tokens {100 * t_cut:.0f}% vs "
+            f"{100 * s_cut:.0f}%): SDPG pulls the student toward that style and its answers grow. Options: "
+            "--teacher initial or --teacher ema (a teacher that drifts less), a shorter --context-template. "
+            "Printed once per run."
+        )
+    return out

@@ -102,6 +102,12 @@ def percent(share: float) -> str:
     return f"{100 * share:.1f}".removesuffix(".0")
 
 
+def much_longer(teacher_len: float, teacher_cut: float, student_len: float, student_cut: float) -> bool:
+    """The style rule: the teacher view's answers over LONGER x as long as the student's, or
+    cut off at --max-new-tokens on MARGIN more of them."""
+    return teacher_len > LONGER * student_len or teacher_cut > student_cut + MARGIN
+
+
 def warnings(student: ViewStats, teacher: ViewStats) -> list[str]:
     """What the check says when SDPG has little to distil, or a style to copy."""
     out = []
@@ -114,7 +120,7 @@ def warnings(student: ViewStats, teacher: ViewStats) -> list[str]:
             "teacher ahead to have something to distil. Try --context-template auto, a context that "
             "states the answer plainly, or --algo grpo."
         )
-    if teacher.length > LONGER * student.length or teacher.truncated > student.truncated + MARGIN:
+    if much_longer(teacher.length, teacher.truncated, student.length, student.truncated):
         out.append(
             f"warning: the teacher view writes much longer answers ({teacher.length:.0f} vs "
             f"{student.length:.0f} tokens; cut off {100 * teacher.truncated:.0f}% vs "

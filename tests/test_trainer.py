@@ -738,7 +738,9 @@ def test_the_teacher_drift_warning_fires_once_when_the_teacher_falls_behind(
 
     def stub(*a):
         teacher, student = next(evals)
-        return {"eval_greedy": student, "eval_teacher_greedy": teacher}
+        lengths = {"eval_greedy_len": 6.0, "eval_teacher_len": 6.0}  # the same style: no style warning
+        cut = {"eval_greedy_truncated": 0.0, "eval_teacher_truncated": 0.0}
+        return {"eval_greedy": student, "eval_teacher_greedy": teacher, **lengths, **cut}
 
     monkeypatch.setattr(sdpg, "evaluate", stub)
     argv = ["--model", str(tiny_path), *SMALL_RUN, "--context-template", "authors", "--algo", algo]
@@ -820,3 +822,41 @@ def test_full_finetune_teacher_logits_come_from_the_teachers_own_weights_head_in
     assert expected.abs().max() > 1e-5  # the teacher differs from the student
     torch.testing.assert_close(kl.double(), expected, rtol=1e-9, atol=1e-11)
     assert all(torch.equal(student_before[n], p) for n, p in model.named_parameters())  # EMA swapped back
+
+
+@pytest.mark.parametrize(
+    "algo, teacher_len_cut, warnings",
+    [
+        ("sdpg", [(6, 0.0), (6, 0.0), (7, 0.5), (8, 1.0), (6, 0.0)], 1),  # cut off 50% vs 0% at step 2
+        ("sdpg", [(6, 0.0), (9.5, 0.05), (9, 0.1), (6, 0.0), (6, 0.0)], 1),  # 9.5 > 1.5 x 6 tokens at step 1
+        ("sdpg", [(6, 0.0), (9, 0.1), (9, 0.1), (6, 0.0), (6, 0.0)], 0),  # exactly 1.5 x and 10 points more
+        ("grpo", [(6, 0.0), (8, 1.0), (8, 1.0), (8, 1.0), (8, 1.0)], 0),  # no teacher to follow
+    ],
+)
+def test_the_teacher_style_warning_fires_once_when_its_answers_grow_or_get_cut_off(
+    tiny_path, tmp_path, monkeypatch, capsys, algo, teacher_len_cut, warnings
+):
+    """The teacher view keeps its accuracy (no accuracy warning) while its held-out answers
+    grow or are cut off at --max-new-tokens; the student's stay 6 tokens, none cut off."""
+    evals = iter(teacher_len_cut)
+
+    def stub(*a):
+        length, cut = next(evals)
+        student = {"eval_greedy": 0.5, "eval_greedy_len": 6.0, "eval_greedy_truncated": 0.0}
+        return {
+            **student,
+            "eval_teacher_greedy": 0.9,
+            "eval_teacher_len": float(length),
+            "eval_teacher_truncated": cut,
+        }
+
+    monkeypatch.setattr(sdpg, "evaluate", stub)
+    argv = ["--model", str(tiny_path), *SMALL_RUN, "--context-template", "authors", "--algo", algo]
+    argv += ["--steps", "4", "--eval-every", "1", "--output-dir", str(tmp_path / "run")]
+    assert sdpg.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "no longer ahead" not in err
+    lines = [x for x in err.splitlines() if "writes much longer held-out answers" in x]
+    assert len(lines) == warnings
+    if warnings and teacher_len_cut[2][1] == 0.5:
+        assert "greedy 7 vs 6 tokens; cut off at --max-new-tokens 50% vs 0%" in lines[0]
