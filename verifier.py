@@ -29,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
-from harness.errors import UsageError
-
 MAX_BOX = 1000  # longest \boxed{...} content we look at
 MAX_TRIES = 20  # how many \boxed occurrences, from the end, may be unbalanced before giving up
 MAX_DIGITS = 100  # longer numbers compare digit-for-digit as strings
@@ -254,12 +252,7 @@ def make_verifier(
     if name == "rule":
         return lambda completion, gold: verify(completion, gold, last_number_fallback, prefer)
     if name == "math-verify":
-        try:
-            import math_verify
-        except ImportError as e:
-            raise UsageError(
-                "--verifier math-verify needs the math-verify package: pip install math-verify"
-            ) from e
+        import math_verify  # the command line checks it is installed before any model work
 
         def math_verify_verdict(completion: str, gold: str) -> Verdict:
             gold_parsed = math_verify.parse(parse_gold(gold))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -379,6 +380,12 @@ def refuse_unused(given: dict) -> None:
         raise UsageError("--opsd-teacher-temperature is for --algo opsd: drop it")
 
 
+def check_verifier(name: str) -> None:
+    """--verifier math-verify without its package is bad input, found before any model work."""
+    if name == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise UsageError("--verifier math-verify needs the math-verify package: pip install math-verify")
+
+
 def check(args: Config) -> None:
     """Every check that needs no model; UsageError with one line that says what to change."""
     for name in POSITIVE_INTS:
@@ -447,6 +454,7 @@ def check(args: Config) -> None:
             "--opsd-teacher-temperature > 0"
         )
     check_four_bit(args.load_in_4bit)
+    check_verifier(args.verifier)
     check_model_name(args.model)
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise UsageError(

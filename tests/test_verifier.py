@@ -1,11 +1,13 @@
 """verifier.py: extraction and equivalence tables, nasty inputs, and property tests."""
 
+import importlib.util
 import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import cli
 from harness.errors import UsageError
 from verifier import answer_format, extract_answer, make_reward_fn, normalize, reward, to_number, verify
 
@@ -129,11 +131,15 @@ def test_reward_fn_backends():
     assert rule(r"\boxed{3}", "3") == 1.0
     with pytest.raises(ValueError, match="rule"):
         make_reward_fn("sympy")
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        with pytest.raises(UsageError, match="pip install math-verify"):
-            make_reward_fn("math-verify")
+
+
+def test_math_verify_without_its_package_is_one_line_before_any_model_work(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a)
+    )
+    with pytest.raises(UsageError, match="pip install math-verify"):
+        cli.parse(cli.given_flags(["--verifier", "math-verify"]))
 
 
 NASTY = [
