@@ -395,15 +395,25 @@ def truncate_logs(out_dir: Path, step: int) -> None:
 
 
 def plot_curves(out_dir: Path) -> None:
-    """curves.png: training reward and held-out accuracy; the teacher view against the
-    student on held-out questions (greedy accuracy, with both lengths on their own axis);
-    the distillation KL (all responses, flat groups, mixed groups); the reference KL."""
+    """curves.png, from the run's metrics.jsonl and args.json (`curves_figure`)."""
+    import matplotlib.pyplot as plt
+
+    settings = json.loads((out_dir / "args.json").read_text())
+    fig = curves_figure(read_metrics(out_dir), settings["max_new_tokens"])
+    fig.savefig(out_dir / "curves.png", dpi=90)
+    plt.close(fig)
+
+
+def curves_figure(rows: list[dict], max_new_tokens: int):
+    """Training reward and held-out accuracy; the teacher view against the student on
+    held-out questions (greedy accuracy, with both lengths on their own axis, from 0 to
+    --max-new-tokens so that a fraction of a token does not fill the panel); the
+    distillation KL (all responses, flat groups, mixed groups); the reference KL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(out_dir)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     train = [r for r in rows if "reward" in r]
 
@@ -426,6 +436,7 @@ def plot_curves(out_dir: Path) -> None:
     for key in ("eval_response_len", "eval_teacher_len"):
         line(lengths, key, rows, linestyle="--", marker=".")
     lengths.set_ylabel("mean length (tokens)")
+    lengths.set_ylim(0, max_new_tokens)
     if lengths.get_legend_handles_labels()[0]:
         lengths.legend(fontsize=7, loc="lower right")
     for key in ("kl_distill", "kl_distill_flat", "kl_distill_mixed", "kl_contrast", "entropy"):
@@ -438,8 +449,7 @@ def plot_curves(out_dir: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(out_dir / "curves.png", dpi=90)
-    plt.close(fig)
+    return fig
 
 
 def save_policy(model, tokenizer, out_dir: Path) -> Path:

@@ -17,7 +17,13 @@ from conftest import SMALL_RUN, load_small_policy, small_args
 import sdpg
 from harness.data import arithmetic_split, step_examples
 from harness.optim import Optimizer
-from harness.run_folder import latest_checkpoint, load_checkpoint, read_metrics, save_checkpoint
+from harness.run_folder import (
+    curves_figure,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+)
 from verifier import Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -567,3 +573,23 @@ def test_checkpoint_round_trip(tiny_path, tmp_path, full):
     assert torch.equal(torch.rand(3), expected_draw)  # the torch RNG continues where it was saved
     a, b = opt.opt.state_dict()["state"], opt2.opt.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+
+
+def test_curves_draw_lengths_from_zero_to_the_length_cap():
+    """A 0.2-token wobble must not fill the lengths panel: its axis spans 0 to --max-new-tokens."""
+    import matplotlib.pyplot as plt
+
+    rows = [
+        {
+            "step": s,
+            "eval_greedy": 0.5,
+            "eval_teacher_greedy": 0.9,
+            "eval_response_len": n,
+            "eval_teacher_len": n,
+        }
+        for s, n in ((0, 6.45), (50, 6.63), (100, 6.5))
+    ]
+    fig = curves_figure(rows, max_new_tokens=8)
+    lengths = [ax for ax in fig.axes if ax.get_ylabel() == "mean length (tokens)"]
+    assert len(lengths) == 1 and lengths[0].get_ylim() == (0.0, 8.0)
+    plt.close(fig)
