@@ -13,10 +13,12 @@ steps, held-out mean@4 and greedy every 25 steps, one thread a run, two runs sid
   opd                  pure self-distillation (no outcome term)
 
 Runs are recorded in --out's regime_map.json as each one ends, so a stopped study resumes
-where it was (a recorded run is never redone). At the default difficulty, runs whose
-settings are identical to bench/compare_algos.py's are taken from docs/compare_algos.json
-(their training-time fields, the flat-group share and the KL split, were not recorded
-there). Writes regime_map.{json,md,png} into --out.
+where it was (a recorded run is never redone). Every run is made here, the default
+difficulty's too: docs/compare_algos.json has runs with the same settings, but the tiny
+model's warm start is rebuilt on each machine and rounds differently from one processor
+to another (its step-0 greedy accuracy was 4.0% there, 1.5% on the machine of this
+study), so runs from another machine are another initial model. Writes
+regime_map.{json,md,png} into --out.
 
     python bench/regime_map.py                      # 3 difficulties x 5 contenders x 3 seeds
     python bench/regime_map.py --report-only        # the md and png from the JSON
@@ -50,7 +52,6 @@ CONTENDERS = {
     "sdpg-beta1-initial": ["--algo", "sdpg", "--teacher", "initial", "--beta", "1.0"],
     "opd": ["--algo", "opd"],
 }
-REUSED = {"grpo": "grpo", "sdpg": "sdpg", "sdpg-beta1-initial": "sdpg-initial", "opd": "opd"}  # ours: theirs
 STEPS, EVAL_EVERY, AT_STEPS, TARGET = 200, 25, (50, 100), 0.5
 
 
@@ -70,33 +71,12 @@ def run_record(right_share: float, contender: str, seed: int, out: Path) -> dict
         "right_share": right_share,
         "contender": contender,
         "seed": seed,
-        "source": "run",
-        "seconds": seconds,
+                "seconds": seconds,
         **compare_algos.summary(rows),
         "flat_groups": [r["flat_groups"] for r in train],  # per training step
         "kl_distill_flat": [r.get("kl_distill_flat") for r in train],  # None: no flat group
         "kl_distill_mixed": [r.get("kl_distill_mixed") for r in train],
     }
-
-
-def reused_records(path: Path) -> list[dict]:
-    """The default difficulty's runs of bench/compare_algos.py with the same settings."""
-    if not path.exists():
-        return []
-    runs = json.loads(path.read_text())
-    theirs = {v: k for k, v in REUSED.items()}
-    same = [r for r in runs if r["algo"] in theirs and r["curve"][-1][0] == STEPS]
-    same = [r for r in same if r["curve"][1][0] - r["curve"][0][0] == EVAL_EVERY]
-    source = str(path.relative_to(ROOT))
-    return [
-        {
-            "right_share": TINY_RIGHT_SHARE,
-            "contender": theirs[r["algo"]],
-            "source": source,
-            **{k: v for k, v in r.items() if k != "algo"},
-        }
-        for r in same
-    ]
 
 
 def save(records: list[dict], path: Path) -> None:
@@ -111,9 +91,6 @@ def save(records: list[dict], path: Path) -> None:
 def study(a, path: Path) -> list[dict]:
     """Every (difficulty, contender, seed) not yet in the JSON, two at a time, saved as each ends."""
     records = json.loads(path.read_text()) if path.exists() else []
-    if not a.no_reuse:
-        done = {key(r) for r in records}
-        records += [r for r in reused_records(ROOT / "docs" / "compare_algos.json") if key(r) not in done]
     done = {key(r) for r in records}
     todo = [
         (d, c, s)
@@ -281,8 +258,7 @@ def report(records: list[dict]) -> str:
             *paired_table(records),
             "",
             "The training signal: flat-group share and the distillation KL per token in flat and mixed "
-            "groups, each run's mean over steps, then mean ± sd over seeds ('—': not recorded, runs "
-            "taken from docs/compare_algos.json, or no teacher).",
+            "groups, each run's mean over steps, then mean ± sd over seeds ('—': no teacher).",
             "",
             *signal_table(records),
             "",
@@ -342,7 +318,6 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs")
-    ap.add_argument("--no-reuse", action="store_true", help="run the default difficulty's runs too")
     ap.add_argument("--report-only", action="store_true", help="the md and png from the JSON, no runs")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
