@@ -97,6 +97,7 @@ class Config:
     lora_target_modules: str = "all-linear"
     full_finetune: bool = False
     load_in_4bit: bool | None = None  # None: on with CUDA, off with --full-finetune or on a CPU
+    dtype: str = "auto"  # the base weights': auto (harness/loading.resolve_dtype), float32, bfloat16
     gradient_checkpointing: bool | None = None  # None: on with CUDA
     # ---- evaluation, output and resuming
     eval_every: int = None  # preset

@@ -242,6 +242,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     t("--lora-target-modules", help="comma-separated names, or all-linear")
     t("--full-finetune", action="store_true", help="no LoRA; the reference is then a second, frozen copy")
     t(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        help="the base weights' dtype (LoRA, the optimizer and the loss math stay float32). auto: bfloat16 "
+        "on a GPU that supports it and on a CPU with native bf16 matrix units (AMX or AVX512-BF16), "
+        "float32 elsewhere",
+    )
+    t(
         "--load-in-4bit",
         action=argparse.BooleanOptionalAction,
         help="NF4 base (default: on with CUDA, off with --full-finetune or on a CPU)",

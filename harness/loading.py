@@ -118,13 +118,13 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
     four_bit = cuda and not cfg.full_finetune if cfg.load_in_4bit is None else cfg.load_in_4bit
     if four_bit:
         check_not_quantized(path)
-    model = load_weights(path, four_bit, cuda)
+    model = load_weights(path, four_bit, cuda, cfg.dtype)
     if four_bit:
         keep_4bit_trainable_on_cpu(model)
     if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.full_finetune:
-        reference = load_weights(path, four_bit, cuda).eval()
+        reference = load_weights(path, four_bit, cuda, cfg.dtype).eval()
         reference.requires_grad_(False)
         return Policy(model, tokenizer, reference)
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -157,14 +157,14 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
         ) from e
 
 
-def load_weights(path: str, four_bit: bool, cuda: bool):
+def load_weights(path: str, four_bit: bool, cuda: bool, dtype: str = "float32"):
     """The causal LM in `path`; weights that cannot be loaded (missing, truncated, of
     another shape) are a UsageError naming the folder, not a traceback."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda))
+        return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda, dtype))
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, cut, mis-shaped
         if isinstance(e, torch.OutOfMemoryError):
             raise
@@ -197,9 +197,32 @@ def check_not_quantized(path: str) -> None:
         )
 
 
-def model_kwargs(four_bit: bool, cuda: bool) -> dict:
-    """from_pretrained arguments: bf16 on CUDA, float32 on CPU, optional NF4 base."""
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX or AVX512-BF16, as
+    PyTorch detects them). Without such units bf16 is emulated and slower than float32."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_dtype(name: str, cuda: bool) -> tuple[str, str]:
+    """(the base weights' dtype for --dtype `name`, why): auto takes bfloat16 on a GPU that
+    supports it and on a CPU with native bf16 units, float32 elsewhere."""
+    if name != "auto":
+        return name, "--dtype"
+    if cuda:
+        bf16 = torch.cuda.is_bf16_supported()
+        return ("bfloat16", "auto: the GPU supports it") if bf16 else ("float32", "auto: no bf16 on this GPU")
+    if native_bf16_cpu():
+        return "bfloat16", "auto: this CPU has native bf16 matrix units"
+    return "float32", "auto: this CPU has no native bf16 matrix units, where float32 is faster"
+
+
+def model_kwargs(four_bit: bool, cuda: bool, dtype_name: str = "float32") -> dict:
+    """from_pretrained arguments: the base weights in `dtype_name`, optional NF4 base."""
+    dtype = DTYPES[resolve_dtype(dtype_name, cuda)[0]]
     kwargs: dict = {"dtype": dtype, "device_map": {"": 0} if cuda else None}
     if four_bit:
         check_four_bit(four_bit)
