@@ -144,6 +144,9 @@ PRESETS = {
         lr_warmup_steps=0,
         context_template="authors",  # the text its warm start was trained on (auto picks it too)
         instruction="boxed",  # the sentence its warm start was trained on
+        # float32 on every machine: its committed figures are the project's reference, and bf16
+        # has not been shown to keep them within seed noise (docs/benchmarks.md times both)
+        dtype="float32",
     ),
     # Small real chat models on a CPU (smollm2-135m, .gguf files): short answers, a sampling
     # temperature at which they still answer (SmolLM2-135M-Instruct, sampled answers right

@@ -1,0 +1,150 @@
+"""The bfloat16 path (--dtype bfloat16; what `auto` picks on a GPU and on a CPU with bf16
+matrix units), on the CPU: the loss math from bf16 hidden states, the ratio, one step,
+resume, and what `auto` picks where the processor has no bf16 units."""
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_RUN, load_small_policy, small_args
+from test_reliability import metrics, run_cli
+from test_trainer import EXAMPLES, spread_lora_b, varied_reward
+
+import sdpg
+from harness import loading
+from harness.data import CONTEXT_TEMPLATE, templated_example
+from harness.optim import Optimizer
+from losses import kl_from_logits
+from rollout import batched_logprobs, response_hidden, rollout, score_tokens
+
+BF16 = ["--dtype", "bfloat16"]
+
+
+def bf16_policy(tiny_path, *extra):
+    args = small_args(tiny_path, *BF16, "--alpha", "0", *extra)
+    torch.manual_seed(0)
+    policy = load_small_policy(args)
+    spread_lora_b(policy.model)  # an adapter that changes the output, so that it is in the numbers
+    return args, policy
+
+
+def test_the_base_is_bf16_and_lora_float32(tiny_path):
+    _, policy = bf16_policy(tiny_path)
+    dtypes = {("lora_" in n, p.dtype) for n, p in policy.model.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+
+
+def test_loss_math_from_bf16_hidden_states_equals_float64_on_the_same_values(tiny_path):
+    """The chunked head upcasts the bf16 hidden states and head to float32 (exactly: every
+    bf16 number is a float32 number), so against float64 on the same bf16 values only
+    float32 rounding remains: logits of H = 128 products and sums over V = 384 terms,
+    ~1e-7 relative. Tolerance: 1e-5 nats for log p and the KL, 1e-5 relative for the
+    entropy (~log V = 6 nats); measured 4e-7, 5e-7 and 6e-6 absolute. bf16 itself
+    costs more: against a float64 copy of the whole model the log-probs differ by up to
+    3.5e-3 nats (measured, docs/benchmarks.md), the rounding of the weights and of every
+    layer's activations, which no loss code can undo."""
+    args, policy = bf16_policy(tiny_path, "--beta", "0.5")
+    model, head = policy.model, policy.model.get_output_embeddings()
+    batch = rollout(model, policy.tokenizer, EXAMPLES[:2], 4, 6, seed=3)
+    with torch.no_grad():
+        hs = response_hidden(
+            model, batch.student_ids, batch.student_mask, batch.response_ids, batch.response_mask
+        )
+        ht = response_hidden(
+            model, batch.teacher_ids, batch.teacher_mask, batch.response_ids, batch.response_mask
+        )
+        logp, kl, entropy = score_tokens(head, hs, batch.response_ids, batch.response_mask, ht)
+    assert hs.dtype == ht.dtype == head.weight.dtype == torch.bfloat16
+    assert logp.dtype == kl.dtype == entropy.dtype == torch.float32
+    zs, zt = hs.double() @ head.weight.double().T, ht.double() @ head.weight.double().T  # [B*G, T, V]
+    log_p = torch.log_softmax(zs, -1)
+    m = batch.response_mask.bool()
+    expected_logp = log_p.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(logp.double()[m], expected_logp[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(kl.double()[m], kl_from_logits(zs, zt)[m], rtol=0, atol=1e-5)
+    torch.testing.assert_close(entropy.double()[m], -(log_p.exp() * log_p).sum(-1)[m], rtol=1e-5, atol=0)
+    assert float(kl[m].max()) > 1e-3  # the teacher view does differ
+
+
+def test_the_first_updates_ratio_in_bf16_is_one_whatever_the_batch_composition(tiny_path):
+    """pi_old comes from a pass in micro-batches of 3 rows over prompts of two lengths; the
+    loss's pass reads all 8 rows at once, with gradient. Measured max |ratio - 1|: 0.0 on
+    this CPU (bf16 kernels here round a row the same whatever the rows beside it). The
+    bound asserted is what matters for the clip: at 1e-2 a first-update ratio cannot reach
+    1 - eps_low = 0.8 or 1 + eps_high = 1.28, so no token is clipped and the gradient is
+    scaled by at most 1%."""
+    args, policy = bf16_policy(tiny_path, "--beta", "0.5", "--micro-batch", "3")
+    long = templated_example(
+        "What is 3 + 4, counting every apple in both of the two baskets?", "7", CONTEXT_TEMPLATE
+    )
+    batch = rollout(policy.model, policy.tokenizer, [EXAMPLES[0], long], 4, 6, seed=3)
+    assert batch.student_mask[0].sum() != batch.student_mask[-1].sum()  # two prompt lengths: padding
+    batch.old_logp = batched_logprobs(policy.model, batch, args)  # [B*G, T], micro-batches of 3
+    batch.advantages = torch.ones(8)
+    seen = {}
+
+    def keep(*a, **k):
+        out = score_tokens(*a, **k)
+        seen["logp"] = out[0].detach()
+        return out
+
+    sdpg_score, sdpg.score_tokens = sdpg.score_tokens, keep
+    try:
+        sdpg.micro_batch_loss(policy, batch, args, 0.5, sdpg.teacher_pass(policy, batch, args), None, 1.0)
+    finally:
+        sdpg.score_tokens = sdpg_score
+    m = batch.response_mask.bool()
+    gap = float(((seen["logp"] - batch.old_logp).exp() - 1).abs()[m].max())
+    assert gap < 1e-2, gap
+
+
+def test_one_bf16_step_changes_lora_and_not_the_base(tiny_path):
+    args, policy = bf16_policy(tiny_path, "--beta", "0.5")
+    optimizer = Optimizer(policy.model.parameters(), args.lr, args.weight_decay)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    m, _ = sdpg.sdpg_step(policy, optimizer, EXAMPLES[:2], 0, args, varied_reward)
+    assert m["skipped_step"] == 0.0 and m["kl_distill"] > 0
+    after = dict(policy.model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_" in n)
+    state = [s for s in optimizer.opt.state.values() if s]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)  # the optimizer in float32
+
+
+def test_resume_is_exact_in_bf16(tiny_path, tmp_path):
+    steps = ["--model", str(tiny_path), *SMALL_RUN, *BF16, "--beta", "0.1", "--micro-batch", "8"]
+    full, halves = tmp_path / "full", tmp_path / "halves"
+    assert run_cli(*steps, "--steps", "3", "--output-dir", str(full)).returncode == 0
+    assert run_cli(*steps, "--steps", "2", "--output-dir", str(halves)).returncode == 0
+    resumed = run_cli(*steps, "--steps", "3", "--output-dir", str(halves), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((halves / "args.json").read_text())["dtype"] == "bfloat16"
+    a, b = metrics(full), metrics(halves)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):  # the 2-step run also evaluated at its end, step 2
+        keys = [
+            k for k in ("reward", "loss", "kl_distill", "grad_norm", "eval_mean@2", "eval_greedy") if k in ra
+        ]
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}
+    assert "kl_distill" in a[-1] and "eval_greedy" in a[-1]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_picks_bf16_only_where_the_cpu_computes_it_natively(native, monkeypatch):
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: native)
+    assert loading.resolve_dtype("auto", cuda=False)[0] == ("bfloat16" if native else "float32")
+    assert loading.resolve_dtype("float32", cuda=False)[0] == "float32"
+    assert loading.resolve_dtype("bfloat16", cuda=False)[0] == "bfloat16"  # asked for: slow, but it runs
+
+
+@pytest.mark.parametrize("dtype, chosen", [("auto", "float32"), ("bfloat16", "bfloat16")])
+def test_a_cpu_without_bf16_units_keeps_float32_under_auto_and_runs_bf16_when_asked(
+    tiny_path, tmp_path, monkeypatch, capsys, dtype, chosen
+):
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: False)
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_path), *SMALL_RUN, "--dtype", dtype, "--steps", "1", "--output-dir", str(out)]
+    assert sdpg.main(argv) == 0
+    assert json.loads((out / "args.json").read_text())["dtype"] == chosen
+    assert f"base weights in {chosen}" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == [0, 1]
