@@ -71,7 +71,7 @@ def run_record(right_share: float, contender: str, seed: int, out: Path) -> dict
         "right_share": right_share,
         "contender": contender,
         "seed": seed,
-                "seconds": seconds,
+        "seconds": seconds,
         **compare_algos.summary(rows),
         "flat_groups": [r["flat_groups"] for r in train],  # per training step
         "kl_distill_flat": [r.get("kl_distill_flat") for r in train],  # None: no flat group
@@ -151,11 +151,11 @@ def mean_of(values: list) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def signal(runs: list[dict], field: str) -> str:
+def signal(runs: list[dict], field: str, scale: float = 1.0, digits: int = 3) -> str:
     """mean ± sd over seeds of a per-step training field's mean over the run; '—' if unrecorded."""
     values = [mean_of(r[field]) for r in runs if r.get(field)]
     values = [v for v in values if v is not None]
-    return pm(values, 1.0, 3) if values else "—"
+    return pm(values, scale, digits) if values else "—"
 
 
 def reached(runs: list[dict]) -> str:
@@ -197,7 +197,7 @@ def accuracy_table(records: list[dict]) -> list[str]:
 
 def signal_table(records: list[dict]) -> list[str]:
     lines = [
-        "| right share | contender | flat groups, steps 1–25 | flat groups, all steps | "
+        "| right share | contender | flat groups, steps 1–25 (%) | flat groups, all steps (%) | "
         "KL flat (nats/token) | KL mixed (nats/token) |",
         "|---|---|---|---|---|---|",
     ]
@@ -206,7 +206,7 @@ def signal_table(records: list[dict]) -> list[str]:
             runs = runs_of(records, d, c)
             first = [statistics.mean(r["flat_groups"][:25]) for r in runs if r.get("flat_groups")]
             lines.append(
-                f"| {d:g} | {c} | {pm(first) if first else '—'} | {signal(runs, 'flat_groups')} | "
+                f"| {d:g} | {c} | {pm(first) if first else '—'} | {signal(runs, 'flat_groups', 100.0, 1)} | "
                 f"{signal(runs, 'kl_distill_flat')} | {signal(runs, 'kl_distill_mixed')} |"
             )
     return lines
@@ -303,7 +303,8 @@ def plot(records: list[dict], path: Path) -> None:
     right.set_xlabel("step")
     right.set_ylabel("teacher view, held-out greedy (%, mean over seeds)")
     right.set_ylim(0, 105)
-    right.legend(fontsize=7)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
