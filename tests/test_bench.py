@@ -72,3 +72,38 @@ def test_real_model_families_are_fixed_right_and_never_train_on_held_out_rows(tm
     for r in rows["train"][:50] + rows["eval"]:
         a, b, *c = [int(t) for t in r["question"].replace(".", " ").split() if t.isdigit()]
         assert int(r["answer"]) == (a - b + c[0] if family == "two_step" else a * b)
+
+
+def test_regime_map_resumes_from_its_json_and_pairs_each_contender_with_grpo_on_its_seed(
+    tmp_path, monkeypatch
+):
+    """A recorded run is never redone; the report's differences are same-seed, by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import regime_map
+
+    def fake_run(right_share, contender, seed, out):
+        final = {"grpo": 0.5, "sdpg": 0.6}[contender] + 0.1 * seed  # sdpg = grpo + 10 points, every seed
+        curve = [(s, final * s / 200, final * s / 200, 1.0) for s in range(0, 201, 25)]
+        flat = [0.8 if right_share < 0.1 else 0.3] * 200
+        kl = [0.5] * 200 if contender != "grpo" else [None] * 200
+        return {"right_share": right_share, "contender": contender, "seed": seed, "seconds": 1.0,
+                "curve": curve, "response_len": 6.0, "entropy": 0.1, "step_s": 1.0,
+                "flat_groups": flat, "kl_distill_flat": kl, "kl_distill_mixed": kl}  # fmt: skip
+
+    calls = []
+    monkeypatch.setattr(regime_map, "run_record", lambda *job: calls.append(job[:3]) or fake_run(*job))
+    monkeypatch.setattr(regime_map.subprocess, "run", lambda *a, **k: None)  # no model build
+    args = ["--difficulties", "0.15", "0.02", "--contenders", "grpo", "sdpg", "--seeds", "2", "--jobs", "1"]
+    monkeypatch.setattr(sys, "argv", ["regime_map.py", *args, "--out", str(tmp_path)])
+    path = tmp_path / "regime_map.json"
+    path.write_text(json.dumps([fake_run(0.15, "grpo", 0, None)]))  # one run already recorded
+    regime_map.main()
+    assert len(calls) == 7 and (0.15, "grpo", 0) not in calls
+    assert len(json.loads(path.read_text())) == 8
+    calls.clear()
+    regime_map.main()  # everything recorded: nothing runs again
+    assert calls == []
+    md = (tmp_path / "regime_map.md").read_text()
+    assert md == regime_map.report(json.loads(path.read_text())) and (tmp_path / "regime_map.png").exists()
+    assert "| 0.02 | sdpg | 2 | 10.0 ± 0.0 | above GRPO | 10.0 ± 0.0 | above GRPO |" in md
+    assert "| 0.02 | 80.0 ± 0.0 | grpo | 2 |" in md
