@@ -575,8 +575,8 @@ def chunked_head(
     D(p, SG[q]) (`divergence`: reverse KL(p || q), the paper's; forward KL(q || p); or
     the generalized JSD at jsd_lambda; zeros if teacher_hidden is None); entropy is
     -sum p log p (with a gradient only when entropy_grad, for an entropy bonus).
-    teacher_head: the teacher's own (weight [V, H], bias [V] or None), no gradient; None:
-    the teacher's logits come from the student's head (weight, bias).
+    teacher_head: the teacher's own (weight [V, H_q], bias [V] or None), no gradient, H_q
+    being teacher_hidden's width; None: the teacher's logits come from the student's head.
     Everything is computed in float32 (float64 stays float64) whatever the input dtype.
     """
     if chunk_size < 1:

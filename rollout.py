@@ -430,17 +430,14 @@ def teacher_head(policy: Policy, teacher: nn.Module, kind: str) -> tuple[Tensor,
     pass). None where the teacher reads the student's head: live, and with LoRA, which
     leaves the head alone."""
     head = teacher.get_output_embeddings()
-    params = [t for t in (head.weight, head.bias) if t is not None]
-    if teacher is not policy.model:
-        copy_ = False
-    elif kind == "ema" and any(t.requires_grad for t in params):
-        copy_ = True
-    else:
+    swapped = kind == "ema" and head.weight.requires_grad  # the average is in the trained weights
+    if teacher is policy.model and not swapped:
         return None
-    w, b = (
-        None if t is None else t.detach().clone() if copy_ else t.detach() for t in (head.weight, head.bias)
-    )
-    return w, b
+
+    def keep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().clone() if swapped else t.detach()
+
+    return keep(head.weight), keep(head.bias)
 
 
 @contextmanager

@@ -158,7 +158,9 @@ def micro_batch_loss(policy, mb: RolloutBatch, cfg: Config, beta: float, teacher
     student_h = response_hidden(model, mb.student_ids, mb.student_mask, mb.response_ids, mb.response_mask)
     teacher_h, own_head, wrong_h = teacher or (None, None, None)  # [b, T, H], (W_q, b_q), [b, T, H]
     if wrong_h is not None:  # q' ∝ p q_right / q_wrong: the context's style cancels
-        teacher_h, own_head = contrast_teacher(student_h, teacher_h, wrong_h, head, own_head)
+        teacher_h, own_head = contrast_teacher(
+            student_h, teacher_h, wrong_h, head, own_head
+        )  # [b, T, H or 2H]
     logp, kl, entropy = score_tokens(
         head, student_h, mb.response_ids, mb.response_mask, teacher_h, cfg.temperature,
         cfg.kl_chunk_size, entropy_grad=cfg.entropy_coef > 0, divergence=cfg.distill_divergence,

@@ -115,7 +115,8 @@ def write_family(
 
 
 def command(flags: list[str], out: Path) -> list[str]:
-    return [sys.executable, str(ROOT / "sdpg.py"), "--model", MODEL, *flags, "--output-dir", str(out)]
+    base = [sys.executable, str(ROOT / "sdpg.py"), "--model", MODEL, "--dtype", "float32"]  # as committed
+    return [*base, *flags, "--output-dir", str(out)]
 
 
 def run_all(jobs: list[tuple[Path, list[str]]], parallel: int) -> None:

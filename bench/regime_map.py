@@ -223,7 +223,7 @@ def verdict(diffs: list[float]) -> str:
     if len(diffs) < 2:
         return "one seed"
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-    return "not distinguishable" if abs(mean) <= sd else ("above GRPO" if mean > 0 else "below GRPO")
+    return "not distinguishable" if abs(mean) <= sd else f"{'above' if mean > 0 else 'below'}, beyond 1 sd"
 
 
 def paired_table(records: list[dict]) -> list[str]:
@@ -274,7 +274,7 @@ def plot(records: list[dict], path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     ds = [d for d in difficulties(records) if step1_flat(records, d)]
-    xs = [statistics.mean(step1_flat(records, d)) for d in ds]
+    xs = [100 * statistics.mean(step1_flat(records, d)) for d in ds]
     for c in CONTENDERS:
         if c == "grpo":
             continue
@@ -290,9 +290,10 @@ def plot(records: list[dict], path: Path) -> None:
                 label=c,
             )
     left.axhline(0, color="gray", linewidth=1)
-    left.set_xlabel("step-1 flat-group share (mean over seeds)")
+    left.set_xlabel("step-1 flat groups (%, mean over seeds)")
     left.set_ylabel(f"held-out mean@4 − GRPO, same seed, step {STEPS} (points)")
-    left.legend(fontsize=8)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
     for i, d in enumerate(difficulties(records)):
         for c, style in (("sdpg-beta1", "-"), ("sdpg-beta1-initial", "--")):
             runs = runs_of(records, d, c)

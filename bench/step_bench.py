@@ -88,6 +88,8 @@ def ours(algo: str, a) -> list[float]:
                 str(a.warmup + a.steps),
                 "--output-dir",
                 "unused",
+                "--dtype",
+                "float32",  # as TRL's side and the committed figures
             ]
             + (["--beta", "0.04"] if algo == "sdpg" else [])
             + (["--alpha", "0.04"] if algo in ("grpo", "sdpg") else [])

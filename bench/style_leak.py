@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--json", default="docs/style_leak.json")
     a = ap.parse_args()
-    args = cli.parse(cli.given_flags(["--model", "smollm2-135m", "--context-template", "authors"]))
+    flags = ["--model", "smollm2-135m", "--context-template", "authors", "--dtype", "float32"]  # as committed
+    args = cli.parse(cli.given_flags(flags))
     cfg = args
     path, tokenizer = load_tokenizer(args)
     torch.manual_seed(0)

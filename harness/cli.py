@@ -246,7 +246,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         choices=("auto", "float32", "bfloat16"),
         help="the base weights' dtype (LoRA, the optimizer and the loss math stay float32). auto: bfloat16 "
         "on a GPU that supports it and on a CPU with native bf16 matrix units (AMX or AVX512-BF16), "
-        "float32 elsewhere",
+        "float32 elsewhere and with --full-finetune",
     )
     t(
         "--load-in-4bit",
@@ -400,6 +400,11 @@ def check(args: Config) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}"
             )
+    if args.full_finetune and args.dtype == "bfloat16":
+        raise UsageError(
+            "--full-finetune trains the base weights, and in bfloat16 updates of lr 1e-6 round away: "
+            "use --dtype float32 (auto picks it), or LoRA (drop --full-finetune)"
+        )
     if args.batch_prompts % args.mini_batch_prompts:
         raise UsageError(
             f"--mini-batch-prompts {args.mini_batch_prompts} must divide --batch-prompts "

@@ -59,7 +59,9 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
                 answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
                 lengths += b.response_mask.sum(1).tolist()
                 truncated += b.truncated.tolist()
-            if name in view_lengths:  # the teacher's: the style the student is pulled toward
+            if (
+                name in view_lengths
+            ):  # greedy, both views: is the teacher's style drifting from the student's?
                 view_lengths[name] += b.response_mask.sum(1).tolist()
                 view_truncated[name] += b.truncated.tolist()
     sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
@@ -78,6 +80,7 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
 
 
 def mean(values: list[float]) -> float:
+    """The mean of a non-empty list."""
     return sum(values) / len(values)
 
 

@@ -118,13 +118,13 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
     four_bit = cuda and not cfg.full_finetune if cfg.load_in_4bit is None else cfg.load_in_4bit
     if four_bit:
         check_not_quantized(path)
-    model = load_weights(path, four_bit, cuda, cfg.dtype)
+    model = load_weights(path, four_bit, cuda, cfg)
     if four_bit:
         keep_4bit_trainable_on_cpu(model)
     if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else cuda:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.full_finetune:
-        reference = load_weights(path, four_bit, cuda, cfg.dtype).eval()
+        reference = load_weights(path, four_bit, cuda, cfg).eval()
         reference.requires_grad_(False)
         return Policy(model, tokenizer, reference)
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -157,14 +157,17 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
         ) from e
 
 
-def load_weights(path: str, four_bit: bool, cuda: bool, dtype: str = "float32"):
-    """The causal LM in `path`; weights that cannot be loaded (missing, truncated, of
-    another shape) are a UsageError naming the folder, not a traceback."""
+def load_weights(path: str, four_bit: bool, cuda: bool, cfg: Config):
+    """The causal LM in `path`, its base weights in the dtype --dtype resolves to; weights
+    that cannot be loaded (missing, truncated, of another shape) are a UsageError naming
+    the folder, not a traceback."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **model_kwargs(four_bit, cuda, dtype))
+        return AutoModelForCausalLM.from_pretrained(
+            path, **model_kwargs(four_bit, cuda, cfg.dtype, cfg.full_finetune)
+        )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:  # missing, cut, mis-shaped
         if isinstance(e, torch.OutOfMemoryError):
             raise
@@ -207,22 +210,25 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_dtype(name: str, cuda: bool) -> tuple[str, str]:
+def resolve_dtype(name: str, cuda: bool, full_finetune: bool = False) -> tuple[str, str]:
     """(the base weights' dtype for --dtype `name`, why): auto takes bfloat16 on a GPU that
-    supports it and on a CPU with native bf16 units, float32 elsewhere."""
+    supports it and on a CPU with native bf16 units, float32 elsewhere and for a full
+    fine-tune (it trains those weights: bf16 would round its small updates away)."""
     if name != "auto":
         return name, "--dtype"
+    if full_finetune:
+        return "float32", "auto: a full fine-tune trains the base weights"
     if cuda:
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
         return ("bfloat16", "auto: the GPU supports it") if bf16 else ("float32", "auto: no bf16 on this GPU")
     if native_bf16_cpu():
         return "bfloat16", "auto: this CPU has native bf16 matrix units"
     return "float32", "auto: this CPU has no native bf16 matrix units, where float32 is faster"
 
 
-def model_kwargs(four_bit: bool, cuda: bool, dtype_name: str = "float32") -> dict:
-    """from_pretrained arguments: the base weights in `dtype_name`, optional NF4 base."""
-    dtype = DTYPES[resolve_dtype(dtype_name, cuda)[0]]
+def model_kwargs(four_bit: bool, cuda: bool, dtype_name: str, full_finetune: bool = False) -> dict:
+    """from_pretrained arguments: the base weights in --dtype `dtype_name`, optional NF4 base."""
+    dtype = DTYPES[resolve_dtype(dtype_name, cuda, full_finetune)[0]]
     kwargs: dict = {"dtype": dtype, "device_map": {"": 0} if cuda else None}
     if four_bit:
         check_four_bit(four_bit)
@@ -277,7 +283,7 @@ def merge_run(run_dir: Path) -> Path:
         settings["tiny_warm_start_steps"],
         settings.get("tiny_right_share", TINY_RIGHT_SHARE),  # runs from before the flag
     )
-    base = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     target = run_dir / "merged"
     merged.save_pretrained(target, safe_serialization=True)

@@ -101,12 +101,10 @@ def main(argv: list[str] | None, train: Callable[[Run], int], description: str =
 def run(cfg: Config, train: Callable[[Run], int], template_given: bool = False) -> int:
     """Check the folder, load, settle the context, resume; then train (or only evaluate).
     `template_given`: the user gave --context-template (a resumed run refuses a new one)."""
-    dtype, why = resolve_dtype(cfg.dtype, torch.cuda.is_available())
+    dtype, why = resolve_dtype(cfg.dtype, torch.cuda.is_available(), cfg.full_finetune)
     cfg = dataclasses.replace(cfg, dtype=dtype)  # args.json records the dtype auto chose
-    trained = (
-        "the trained weights and the optimizer in " + dtype if cfg.full_finetune else "LoRA and the optimizer"
-    )
-    print(f"base weights in {dtype} ({why}); {trained}, the loss math in float32")
+    trained = "they train, with the optimizer," if cfg.full_finetune else "LoRA and the optimizer"
+    print(f"base weights in {dtype} ({why}); {trained} and the loss math in float32")
     if cfg.eval_only:
         out_dir, resume_from = run_folder.open_for_eval(dataclasses.asdict(cfg))
     else:

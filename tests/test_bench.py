@@ -105,5 +105,5 @@ def test_regime_map_resumes_from_its_json_and_pairs_each_contender_with_grpo_on_
     assert calls == []
     md = (tmp_path / "regime_map.md").read_text()
     assert md == regime_map.report(json.loads(path.read_text())) and (tmp_path / "regime_map.png").exists()
-    assert "| 0.02 | sdpg | 2 | 10.0 ± 0.0 | above GRPO | 10.0 ± 0.0 | above GRPO |" in md
+    assert "| 0.02 | sdpg | 2 | 10.0 ± 0.0 | above, beyond 1 sd | 10.0 ± 0.0 | above, beyond 1 sd |" in md
     assert "| 0.02 | 80.0 ± 0.0 | grpo | 2 |" in md

@@ -155,3 +155,14 @@ def test_a_cpu_without_bf16_units_keeps_float32_under_auto_and_runs_bf16_when_as
     assert json.loads((out / "args.json").read_text())["dtype"] == chosen
     assert f"base weights in {chosen}" in capsys.readouterr().out
     assert [r["step"] for r in metrics(out)] == [0, 1]
+
+
+def test_a_full_fine_tune_keeps_float32_under_auto_and_refuses_bf16(monkeypatch):
+    """It trains the base weights themselves: in bf16 an update of lr 1e-6 rounds away."""
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: True)
+    assert loading.resolve_dtype("auto", cuda=False, full_finetune=True)[0] == "float32"
+    from harness import cli
+    from harness.errors import UsageError
+
+    with pytest.raises(UsageError, match="--dtype float32"):
+        cli.parse(cli.given_flags(["--full-finetune", "--dtype", "bfloat16"]))

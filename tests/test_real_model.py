@@ -64,7 +64,7 @@ def test_one_sdpg_step_on_the_real_model_and_its_adapter_reloads_onto_the_gguf(
     args, path, tok = smollm2
     args = cli.parse(cli.given_flags(["--model", "smollm2-135m", "--num-generations", "2",
         "--batch-prompts", "1", "--max-new-tokens", "16", "--beta", "0.1", "--alpha", "0.01", "--lr", "1e-3",
-        "--data", "arithmetic", "--output-dir", str(tmp_path / "o")]))  # fmt: skip
+        "--data", "arithmetic", "--dtype", "float32", "--output-dir", str(tmp_path / "o")]))  # fmt: skip
     torch.manual_seed(0)
     policy = load_policy(args, path, tok)
     model = policy.model
