@@ -97,7 +97,7 @@ class Config:
     lora_target_modules: str = "all-linear"
     full_finetune: bool = False
     load_in_4bit: bool | None = None  # None: on with CUDA, off with --full-finetune or on a CPU
-    dtype: str = "auto"  # the base weights': auto (harness/loading.resolve_dtype), float32, bfloat16
+    dtype: str = None  # preset; the base weights': auto (harness/loading.resolve_dtype), float32, bfloat16
     gradient_checkpointing: bool | None = None  # None: on with CUDA
     # ---- evaluation, output and resuming
     eval_every: int = None  # preset
@@ -176,6 +176,7 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
+        dtype="auto",
         # SmolLM2-135M: the authors' text makes its teacher worse (docs/teacher_context.md)
         context_template="auto",
         instruction="answer-is",  # SmolLM2-135M writes "The answer is N"; it never fills \boxed{}
@@ -200,6 +201,7 @@ PRESETS = {
         alpha=1e-3,
         weight_decay=0.0,
         lr_warmup_steps=0,
+        dtype="auto",
         context_template="auto",  # chosen on training questions; `authors` for the paper's exact text
         instruction="boxed",
     ),

@@ -328,7 +328,7 @@ def score_tokens(
 
 
 def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
-    """The contrastive teacher's hidden states, [B, T, H], float32 (float64 stays), no gradient:
+    """The contrastive teacher's hidden states, [B, T, H], float32, no gradient:
 
         q'_t ∝ p_t q_right,t / q_wrong,t,  i.e.  z' = z_student + z_right - z_wrong
 
@@ -343,8 +343,7 @@ def contrast_hidden(student: Tensor, right: Tensor, wrong: Tensor) -> Tensor:
     target, whose optimum at each position is a point mass on the largest ratio; so the
     logged value (kl_contrast) is not a KL to any teacher, and a long run can lose
     entropy."""
-    dtype = torch.promote_types(student.dtype, torch.float32)  # float64 stays float64
-    return (student.detach().to(dtype) + right.to(dtype) - wrong.to(dtype)).detach()
+    return (student.detach().float() + right.float() - wrong.float()).detach()
 
 
 def contrast_teacher(

@@ -300,7 +300,7 @@ def plot(records: list[dict], path: Path) -> None:
             )
     left.axhline(0, color="gray", linewidth=1)
     left.set_xlabel("step-1 flat groups (%, mean over seeds)")
-    left.set_ylabel(f"held-out mean@4 − GRPO, same seed, step {STEPS} (points)")
+    left.set_ylabel(f"mean@4 − GRPO, same seed, step {STEPS} (points)")
     if left.get_legend_handles_labels()[0]:
         left.legend(fontsize=8)
     for i, d in enumerate(difficulties(records)):
@@ -311,7 +311,7 @@ def plot(records: list[dict], path: Path) -> None:
                 teacher = [100 * statistics.mean(at(r, s, 3) for r in runs) for s in steps]
                 right.plot(steps, teacher, style, color=f"C{i}", label=f"{c}, right share {d:g}")
     right.set_xlabel("step")
-    right.set_ylabel("teacher view, held-out greedy (%, mean over seeds)")
+    right.set_ylabel("teacher view, held-out greedy (%)")
     right.set_ylim(0, 105)
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=7)

@@ -215,7 +215,7 @@ def resolve_dtype(name: str, cuda: bool, full_finetune: bool = False) -> tuple[s
     supports it and on a CPU with native bf16 units, float32 elsewhere and for a full
     fine-tune (it trains those weights: bf16 would round its small updates away)."""
     if name != "auto":
-        return name, "--dtype"
+        return name, "as --dtype or the preset sets it"
     if full_finetune:
         return "float32", "auto: a full fine-tune trains the base weights"
     if cuda:

@@ -159,3 +159,8 @@ def test_every_docs_page_is_linked_and_every_link_resolves():
     for page in pages():
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links {target}"
+
+
+def test_the_regime_map_page_is_its_json_through_the_bench_printer():
+    data = json.loads((ROOT / "docs" / "regime_map.json").read_text())
+    assert (ROOT / "docs" / "regime_map.md").read_text() == bench_module("regime_map").report(data)

@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import baselines
 import sdpg
-from config import WARM_START_STEPS
+from config import TINY_RIGHT_SHARE, WARM_START_STEPS
 from harness import cli, evaluation
 from harness.data import arithmetic_split, with_wrong_answers
 from harness.loading import resolve_model_path
 from harness.optim import Optimizer
-from harness.tiny_model import TINY_VERSION
+from harness.tiny_model import entry_name
 from losses import kl_from_logits, loss_normalizer
 from rollout import EmaWeights, response_logprobs, rollout
 from verifier import Verdict, reward
@@ -399,7 +399,7 @@ def test_default_entry_point_smoke(tmp_path):
     assert f"are in {out}" in proc.stdout
     for name in ("metrics.jsonl", "samples.jsonl", "curves.png"):
         assert (out / name).stat().st_size > 0
-    assert (tmp_path / "cache" / f"tiny-{TINY_VERSION}-seed0-warm5" / "model.safetensors").exists()
+    assert (tmp_path / "cache" / entry_name(0, 5, TINY_RIGHT_SHARE) / "model.safetensors").exists()
 
 
 def test_full_finetune_two_steps_with_a_frozen_reference(tiny_path):
@@ -553,12 +553,14 @@ def test_evaluation_reports_pass_at_k_from_the_same_samples(tiny_path):
     assert set(result) == {
         "eval_mean@3", "eval_pass@3", "eval_greedy", "eval_teacher_greedy",
         "eval_answered", "eval_truncated", "eval_response_len", "eval_teacher_len", "eval_teacher_truncated",
+        "eval_greedy_len", "eval_greedy_truncated",
     }  # fmt: skip
     assert result["eval_mean@3"] == pytest.approx(float(sampled.mean()))
     assert result["eval_pass@3"] == pytest.approx(float(sampled.amax(1).mean()))
     assert result["eval_answered"] == pytest.approx(sum(1 for i in range(1, n + 1) if i % 2) / n)
     assert 0 < result["eval_response_len"] <= 6 and 0 <= result["eval_truncated"] <= 1
     assert 0 < result["eval_teacher_len"] <= 6 and 0 <= result["eval_teacher_truncated"] <= 1
+    assert 0 < result["eval_greedy_len"] <= 6 and 0 <= result["eval_greedy_truncated"] <= 1
 
 
 @pytest.mark.parametrize("teacher", ["live", "initial", "ema"])
@@ -677,6 +679,8 @@ def test_each_response_is_verified_once_per_step(tiny_path, tmp_path, monkeypatc
 
     monkeypatch.setattr(session, "make_verifier", lambda *a: counting)
     stub = {"eval_greedy": 0.0, "eval_teacher_greedy": 1.0}  # evaluation verifies its own answers
+    stub |= {"eval_greedy_len": 6.0, "eval_teacher_len": 6.0, "eval_greedy_truncated": 0.0}
+    stub |= {"eval_teacher_truncated": 0.0}
     monkeypatch.setattr(sdpg, "evaluate", lambda *a: stub)
     argv = [
         "--model",
