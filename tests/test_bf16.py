@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import SMALL_RUN, load_small_policy, small_args
-from test_reliability import metrics, run_cli
+from test_reliability import metrics
 from test_trainer import EXAMPLES, spread_lora_b, varied_reward
 
 import sdpg
@@ -118,13 +118,13 @@ def test_one_bf16_step_changes_lora_and_not_the_base(tiny_path):
     assert state and all(s["exp_avg"].dtype == torch.float32 for s in state)  # the optimizer in float32
 
 
-def test_resume_is_exact_in_bf16(tiny_path, tmp_path):
+def test_resume_is_exact_in_bf16(tiny_path, tmp_path, capsys):
     steps = ["--model", str(tiny_path), *SMALL_RUN, *BF16, "--beta", "0.1", "--micro-batch", "8"]
     full, halves = tmp_path / "full", tmp_path / "halves"
-    assert run_cli(*steps, "--steps", "3", "--output-dir", str(full)).returncode == 0
-    assert run_cli(*steps, "--steps", "2", "--output-dir", str(halves)).returncode == 0
-    resumed = run_cli(*steps, "--steps", "3", "--output-dir", str(halves), "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert sdpg.main([*steps, "--steps", "3", "--output-dir", str(full)]) == 0
+    assert sdpg.main([*steps, "--steps", "2", "--output-dir", str(halves)]) == 0
+    assert sdpg.main([*steps, "--steps", "3", "--output-dir", str(halves), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
     assert json.loads((halves / "args.json").read_text())["dtype"] == "bfloat16"
     a, b = metrics(full), metrics(halves)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]

@@ -834,7 +834,6 @@ def test_full_finetune_teacher_logits_come_from_the_teachers_own_weights_head_in
         ("sdpg", [(6, 0.0), (6, 0.0), (7, 0.5), (8, 1.0), (6, 0.0)], 1),  # cut off 50% vs 0% at step 2
         ("sdpg", [(6, 0.0), (9.5, 0.05), (9, 0.1), (6, 0.0), (6, 0.0)], 1),  # 9.5 > 1.5 x 6 tokens at step 1
         ("sdpg", [(6, 0.0), (9, 0.1), (9, 0.1), (6, 0.0), (6, 0.0)], 0),  # exactly 1.5 x and 10 points more
-        ("grpo", [(6, 0.0), (8, 1.0), (8, 1.0), (8, 1.0), (8, 1.0)], 0),  # no teacher to follow
     ],
 )
 def test_the_teacher_style_warning_fires_once_when_its_answers_grow_or_get_cut_off(
