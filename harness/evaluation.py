@@ -32,9 +32,9 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
     settings = [("sampled", cfg.temperature, k, "student"), ("greedy", 0.0, 1, "student")]
     settings.append(("teacher_greedy", 0.0, 1, "teacher"))
     scores: dict[str, list[float]] = {name: [] for name, *_ in settings}
-    answered, lengths, truncated = [], [], []
-    view_lengths = {"greedy": [], "teacher_greedy": []}  # greedy, both views: the style check's rule
-    view_truncated = {"greedy": [], "teacher_greedy": []}
+    answered: list[bool] = []
+    lengths: dict[str, list[float]] = {name: [] for name, *_ in settings}  # per setting: tokens
+    truncated: dict[str, list[float]] = {name: [] for name, *_ in settings}  # per setting: cut off
     per_call = max(1, EVAL_ROWS // k)
     for s in range(0, len(examples), per_call):
         chunk = examples[s : s + per_call]
@@ -55,27 +55,23 @@ def evaluate(policy: Policy, examples: list, cfg: Config, verifier) -> dict[str,
                 )
             verdicts = [verifier(c, a) for c, a in zip(b.completions, b.answers, strict=True)]
             scores[name] += [v.reward for v in verdicts]
+            lengths[name] += b.response_mask.sum(1).tolist()
+            truncated[name] += b.truncated.tolist()
             if name == "sampled":
                 answered += [v.method in EXPLICIT_ANSWERS for v in verdicts]
-                lengths += b.response_mask.sum(1).tolist()
-                truncated += b.truncated.tolist()
-            if (
-                name in view_lengths
-            ):  # greedy, both views: is the teacher's style drifting from the student's?
-                view_lengths[name] += b.response_mask.sum(1).tolist()
-                view_truncated[name] += b.truncated.tolist()
     sampled = torch.tensor(scores.pop("sampled")).view(-1, k)  # [prompts, k]
     return {
         f"eval_mean@{k}": float(sampled.mean()),
         f"eval_pass@{k}": float((sampled.amax(1) == 1).float().mean()),
-        **{f"eval_{name}": sum(v) / len(v) for name, v in scores.items()},
-        "eval_answered": sum(answered) / len(answered),
-        "eval_truncated": sum(truncated) / len(truncated),
-        "eval_response_len": sum(lengths) / len(lengths),
-        "eval_greedy_truncated": mean(view_truncated["greedy"]),
-        "eval_greedy_len": mean(view_lengths["greedy"]),
-        "eval_teacher_truncated": mean(view_truncated["teacher_greedy"]),
-        "eval_teacher_len": mean(view_lengths["teacher_greedy"]),
+        **{f"eval_{name}": mean(v) for name, v in scores.items()},
+        "eval_answered": mean(answered),
+        "eval_truncated": mean(truncated["sampled"]),
+        "eval_response_len": mean(lengths["sampled"]),
+        # greedy, both views: is the teacher's style drifting from the student's? (drift_warnings)
+        "eval_greedy_truncated": mean(truncated["greedy"]),
+        "eval_greedy_len": mean(lengths["greedy"]),
+        "eval_teacher_truncated": mean(truncated["teacher_greedy"]),
+        "eval_teacher_len": mean(lengths["teacher_greedy"]),
     }
 
 
