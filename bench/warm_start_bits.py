@@ -1,9 +1,9 @@
 """Why the tiny model's figures differ by machine: its warm start's float32 bits depend on
 the thread count and on the kernels' instruction set.
 
-Builds the tiny model and runs --steps of its supervised warm start (seed 0) under each
-setting, in a process of its own: 2 threads and 1 thread with the processor's own kernels,
-then both with AVX2 kernels forced (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
+Builds the tiny model with --steps of its supervised warm start (seed 0, as every run
+builds it) under each setting, in a process of its own: 2 threads and 1 thread with the
+processor's own kernels, then both with AVX2 kernels forced (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA,
 MKL_ENABLE_INSTRUCTIONS), as on a processor without AVX512 or AMX. Prints a digest of
 each result's weights and the largest weight difference from the first setting.
 
@@ -31,18 +31,16 @@ SETTINGS = {
 
 
 def child(steps: int, out: Path) -> None:
-    """The warm start in this process; its weights saved to `out`."""
+    """The tiny model, built and warm-started in this process as every run builds it
+    (`ensure_tiny_model`, in a cache of its own); its weights saved to `out`."""
     sys.path.insert(0, str(ROOT))
     import torch
-    from transformers import Qwen2ForCausalLM, Qwen2Tokenizer
+    from safetensors.torch import load_file
 
-    from harness.tiny_model import build_tiny_model, warm_start
+    from harness.tiny_model import ensure_tiny_model
 
-    folder = build_tiny_model(out.with_suffix(".model"), seed=0)
-    model, tokenizer = Qwen2ForCausalLM.from_pretrained(folder), Qwen2Tokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    warm_start(model, tokenizer, steps, seed=0, progress=False)
-    torch.save(model.state_dict(), out)
+    folder = ensure_tiny_model(str(out.with_suffix(".cache")), warm_start_steps=steps)
+    torch.save(load_file(folder / "model.safetensors"), out)
     print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
 
 
