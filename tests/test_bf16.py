@@ -34,6 +34,21 @@ def test_the_base_is_bf16_and_lora_float32(tiny_path):
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
 
 
+def test_the_lm_head_reads_a_contiguous_input_while_generating(tiny_path):
+    """generate's first step gives the head a strided [B, 1, H] slice, which F.linear on a
+    CPU serves by copying the whole head once per row (bf16: 250x slower here); the
+    loading hook hands it a contiguous copy, and the tokens sampled stay the same."""
+    _, policy = bf16_policy(tiny_path)
+    head = policy.model.get_output_embeddings()
+    seen = []  # runs after the loading hook: what the head's matmul receives
+    head.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous()))
+    batch = rollout(policy.model, policy.tokenizer, EXAMPLES[:2], 3, 4, temperature=1.0, seed=0)
+    assert len(seen) >= 2 and all(seen)  # the prefill step and every decode step
+    head._forward_pre_hooks.clear()  # the raw head, as transformers calls it
+    again = rollout(policy.model, policy.tokenizer, EXAMPLES[:2], 3, 4, temperature=1.0, seed=0)
+    assert torch.equal(batch.response_ids, again.response_ids)
+
+
 def test_loss_math_from_bf16_hidden_states_equals_float64_on_the_same_values(tiny_path):
     """The chunked head upcasts the bf16 hidden states and head to float32 (exactly: every
     bf16 number is a float32 number), so against float64 on the same bf16 values only
