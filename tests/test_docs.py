@@ -100,8 +100,10 @@ def source_lines(source: str) -> set[str]:
         # bench/kl_bench_8192.json's rows have no divergence field: they are the reverse KL
         rows = [{"divergence": "reverse", **r} for r in data["rows"]]
         return set(printed(bench_module("kl_bench").print_table, rows).splitlines())
-    if source == "bench/dtype_bench.json":
+    if source.startswith("bench/dtype_bench"):  # the small preset's file and the tiny one's
         return set(bench_module("dtype_bench").table(data).splitlines())
+    if source == "bench/generate_bench.json":
+        return set(bench_module("generate_bench").table(data).splitlines())
     if source == "docs/regime_map.json":
         return set(bench_module("regime_map").report(data).splitlines())
     if source == "docs/style_leak.json":
