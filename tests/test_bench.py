@@ -107,3 +107,45 @@ def test_regime_map_resumes_from_its_json_and_pairs_each_contender_with_grpo_on_
     assert md == regime_map.report(json.loads(path.read_text())) and (tmp_path / "regime_map.png").exists()
     assert "| 0.02 | sdpg | 2 | 10.0 ± 0.0 | above, beyond 1 sd | 10.0 ± 0.0 | above, beyond 1 sd |" in md
     assert "| 0.02 | 80.0 ± 0.0 | grpo | 2 |" in md
+
+
+def test_dtype_runs_resume_from_their_json_and_pair_bf16_with_float32_on_its_seed(tmp_path, monkeypatch):
+    """A recorded run is never redone; the same-seed difference is bf16 minus float32, by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dtype_runs
+
+    def fake_run_all(jobs, parallel):
+        ((folder, flags),) = jobs
+        dtype, seed = flags[flags.index("--dtype") + 1], int(flags[flags.index("--seed") + 1])
+        folder.mkdir(parents=True)
+        (folder / "args.json").write_text(json.dumps({"dtype": dtype, "seed": seed}))
+        calls.append((dtype, seed))
+
+    def fake_summary(folder, eval_steps):
+        settings = json.loads((folder / "args.json").read_text())
+        lift = {"float32": 0.0, "bfloat16": 0.1 + 0.1 * settings["seed"]}[
+            settings["dtype"]
+        ]  # +10, +20 points
+        evals = [{"step": s, "eval_mean@2": 0.2 + lift * s / 16, "eval_greedy": 0.5, "eval_truncated": 0.4,
+                  "eval_response_len": 40.0} for s in sorted(eval_steps)]  # fmt: skip
+        return {"seed": settings["seed"], "evals": evals, "step_s": 20.0, "seconds": 600.0}
+
+    calls = []
+    monkeypatch.setattr(dtype_runs.real_model, "run_all", fake_run_all)
+    monkeypatch.setattr(dtype_runs.real_model, "summary", fake_summary)
+    monkeypatch.setattr(dtype_runs, "processor", lambda: "a test CPU")
+    argv = ["dtype_runs.py", "--work", str(tmp_path / "runs"), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    recorded = tmp_path / "runs" / "float32" / "seed0"
+    fake_run_all([(recorded, ["--dtype", "float32", "--seed", "0"])], 1)
+    runs = {"float32": [{**fake_summary(recorded, {0, 8, 16}), "machine": "a test CPU"}], "bfloat16": []}
+    (tmp_path / "dtype_runs.json").write_text(json.dumps(runs))
+    calls.clear()
+    dtype_runs.main()
+    assert calls == [("bfloat16", 0), ("float32", 1), ("bfloat16", 1)]  # seed 0's float32 was recorded
+    calls.clear()
+    dtype_runs.main()
+    assert calls == []
+    md = (tmp_path / "dtype_runs.md").read_text()
+    assert "| points | 0.0 ± 0.0 | 7.5 ± 3.5 | 15.0 ± 7.1 |" in md  # (+10, +20) at step 16, half at 8
+    assert "| bfloat16 | 0, 1 | 20.0 ± 0.0 | 10.0 ± 0.0 |" in md and "a test CPU" in md
