@@ -151,10 +151,10 @@ def table(data: dict) -> str:
     lines += [
         "",
         "compiled, 16 rows: the first call (compiling) "
-        + ", ".join(f"{n} {c['first_ms'] * seconds:.0f} s" for n, c in zip(names, compiled, strict=True))
+        + ", ".join(f"{n} {c['first_ms'] * seconds:.1f} s" for n, c in zip(names, compiled, strict=True))
         + "; then a call on 4 other prompts "
         + ", ".join(
-            f"{n} {c['other_prompts_ms'] * seconds:.0f} s" for n, c in zip(names, compiled, strict=True)
+            f"{n} {c['other_prompts_ms'] * seconds:.1f} s" for n, c in zip(names, compiled, strict=True)
         ),
     ]
     lines += ["", "| part of a `loaded` call, 16 rows, ms / token | " + " | ".join(names) + " |"]
