@@ -101,7 +101,7 @@ def paired(runs: dict[str, list[dict]], key: str) -> list[str]:
     return [
         f"| bfloat16 − float32, same seed ({len(both)}) | " + " | ".join(f"step {s}" for s in steps) + " |",
         "|---|" + "---|" * len(steps),
-        "| points | " + " | ".join(cells) + " |",
+        f"| {key[5:]}, points | " + " | ".join(cells) + " |",
         "",
     ]
 
