@@ -109,6 +109,17 @@ def table(data: dict) -> str:
     return "\n".join(lines)
 
 
+def run_children(script: str, dtypes: list[str], flags: list[str]) -> list[dict]:
+    """`script --child DTYPE *flags` for each dtype, each in a process of its own, one after
+    the other: the JSON line each prints last."""
+    runs = []
+    for dtype in dtypes:
+        cmd = [sys.executable, script, "--child", dtype, *flags]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -123,12 +134,8 @@ def main() -> None:
         print(json.dumps(child(a.child, a)))
         return
     if not a.from_json:
-        runs = []
-        for dtype in a.dtypes:
-            cmd = [sys.executable, __file__, "--child", dtype, "--model", a.model]
-            cmd += ["--warmup", str(a.warmup), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+        flags = ["--model", a.model, "--warmup", str(a.warmup), "--steps", str(a.steps)]
+        runs = run_children(__file__, a.dtypes, flags)
         a.out.write_text(json.dumps({"machine": processor(), "model": a.model, "runs": runs}, indent=1))
     print(table(json.loads(a.out.read_text())))
 

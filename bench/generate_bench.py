@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dtype_bench import processor  # noqa: E402
+from dtype_bench import processor, run_children  # noqa: E402
 
 SETTINGS = ("loaded", "strided", "static", "compiled")
 # (rows, setting): every setting for a step's rollout; for evaluation's calls (60 rows: a
@@ -178,12 +177,8 @@ def main() -> None:
         print(json.dumps(child(a.child, a)))
         return
     if not a.from_json:
-        runs = []
-        for dtype in a.dtypes:
-            cmd = [sys.executable, __file__, "--child", dtype, "--model", a.model]
-            cmd += ["--tokens", str(a.tokens), "--calls", str(a.calls)]
-            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
-            runs.append(json.loads(out.strip().splitlines()[-1]))
+        flags = ["--model", a.model, "--tokens", str(a.tokens), "--calls", str(a.calls)]
+        runs = run_children(__file__, a.dtypes, flags)
         result = {"machine": processor(), "model": a.model, "tokens": a.tokens, "runs": runs}
         a.out.write_text(json.dumps(result, indent=1))
     print(table(json.loads(a.out.read_text())))
