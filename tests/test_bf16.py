@@ -36,8 +36,8 @@ def test_the_base_is_bf16_and_lora_float32(tiny_path):
 
 def test_the_lm_head_reads_a_contiguous_input_while_generating(tiny_path):
     """generate's first step gives the head a strided [B, 1, H] slice, which F.linear on a
-    CPU serves by copying the whole head once per row (bf16: 250x slower here); the
-    loading hook hands it a contiguous copy, and the tokens sampled stay the same."""
+    CPU serves by copying the whole head once per row (slow in bf16: bench/generate_bench);
+    the loading hook hands it a contiguous copy, and the tokens sampled stay the same."""
     _, policy = bf16_policy(tiny_path)
     head = policy.model.get_output_embeddings()
     seen = []  # runs after the loading hook: what the head's matmul receives
