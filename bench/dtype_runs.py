@@ -41,7 +41,12 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     a = ap.parse_args()
     path = a.out / "dtype_runs.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {d: [] for d in DTYPES}
+    recorded = {d: [] for d in DTYPES} | (json.loads(path.read_text()) if path.exists() else {})
+    other = {(r["steps"], r["eval_every"]) for runs in recorded.values() for r in runs} - {
+        (a.steps, a.eval_every)
+    }
+    if other and not a.report_only:  # their evaluations would pair with these by position
+        sys.exit(f"{path} holds runs of --steps/--eval-every {sorted(other)}: give another --out for these")
     eval_steps = {*range(0, a.steps + 1, a.eval_every), a.steps}
     for seed in range(a.seeds):
         for dtype in DTYPES:
@@ -52,7 +57,7 @@ def main() -> None:
             real_model.run_all([(folder, [*flags, "--dtype", dtype])], 1)
             run = real_model.summary(folder, eval_steps)
             run["dtype_chosen"] = json.loads((folder / "args.json").read_text())["dtype"]
-            run["machine"] = processor()
+            run |= {"machine": processor(), "steps": a.steps, "eval_every": a.eval_every}
             recorded[dtype].append(run)
             a.out.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(recorded, indent=1))
@@ -76,9 +81,14 @@ def report(recorded: dict[str, list[dict]]) -> str:
         lines += [f"## held-out {key[5:]}, mean ± sd over seeds", ""]
         lines += real_model.family_table(runs, key) + [""]
         lines += paired(runs, key)
-    lines += ["## cost", "", "| dtype | seeds | median s / step | minutes / run |", "|---|---|---|---|"]
+    lines += [
+        "## cost",
+        "",
+        "| dtype | seeds | s / step (a run's median) | minutes / run |",
+        "|---|---|---|---|",
+    ]
     for dtype, seeds in runs.items():
-        minutes = [r["seconds"] / 60 for r in seeds if r["seconds"]]
+        minutes = [r["seconds"] / 60 for r in seeds]  # run_all writes seconds.txt for every run
         lines.append(
             f"| {dtype} | {', '.join(str(r['seed']) for r in seeds)} | "
             f"{real_model.mean_sd([r['step_s'] for r in seeds], 1)} | {real_model.mean_sd(minutes, 1)} |"

@@ -115,7 +115,7 @@ def write_family(
 
 
 def command(flags: list[str], out: Path) -> list[str]:
-    """sdpg.py in float32, as these studies were committed, unless `flags` give --dtype
+    """sdpg.py in float32, the dtype of these studies' figures, unless `flags` give --dtype
     (a later flag wins)."""
     base = [sys.executable, str(ROOT / "sdpg.py"), "--model", MODEL, "--dtype", "float32"]
     return [*base, *flags, "--output-dir", str(out)]

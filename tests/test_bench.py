@@ -138,7 +138,8 @@ def test_dtype_runs_resume_from_their_json_and_pair_bf16_with_float32_on_its_see
     monkeypatch.setattr(sys, "argv", argv)
     recorded = tmp_path / "runs" / "float32" / "seed0"
     fake_run_all([(recorded, ["--dtype", "float32", "--seed", "0"])], 1)
-    runs = {"float32": [{**fake_summary(recorded, {0, 8, 16}), "machine": "a test CPU"}], "bfloat16": []}
+    done = {**fake_summary(recorded, {0, 8, 16}), "machine": "a test CPU", "steps": 16, "eval_every": 8}
+    runs = {"float32": [done], "bfloat16": []}
     (tmp_path / "dtype_runs.json").write_text(json.dumps(runs))
     calls.clear()
     dtype_runs.main()
@@ -149,3 +150,7 @@ def test_dtype_runs_resume_from_their_json_and_pair_bf16_with_float32_on_its_see
     md = (tmp_path / "dtype_runs.md").read_text()
     assert "| mean@2, points | 0.0 ± 0.0 | 7.5 ± 3.5 | 15.0 ± 7.1 |" in md  # (+10, +20) at step 16, half at 8
     assert "| bfloat16 | 0, 1 | 20.0 ± 0.0 | 10.0 ± 0.0 |" in md and "a test CPU" in md
+    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "8"])  # runs of 16 steps are recorded
+    with pytest.raises(SystemExit, match="another --out"):
+        dtype_runs.main()
+    assert calls == []
