@@ -1,8 +1,8 @@
 """Loading the model that plays the three roles (rollout.Policy), and merging a run.
 
-Loading covers the tiny offline model, a local folder and a hub id, in float32 on a
-CPU or bf16 on a GPU, optionally with a 4-bit NF4 base (bitsandbytes), LoRA on every
-linear layer by default.
+Loading covers the tiny offline model, a local folder and a hub id, in float32 or bf16
+(--dtype; in bf16 the adapter's products run under autocast), optionally with a 4-bit
+NF4 base (bitsandbytes), LoRA on every linear layer by default.
 """
 
 from __future__ import annotations
@@ -131,12 +131,13 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
 
     if adapter is not None:
         try:
-            return Policy(PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer)
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
         except (RuntimeError, ValueError, KeyError, OSError) as e:  # another base's shapes, a cut file
             raise UsageError(
                 f"--adapter {adapter} does not fit {path}: {' '.join(str(e).split())[:160]}. "
                 "Use the adapter with the --model it was trained on"
             ) from e
+        return Policy(mixed_precision(model), tokenizer)
     targets = cfg.lora_target_modules
     lora = LoraConfig(
         r=cfg.lora_r,
@@ -146,7 +147,7 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
         task_type="CAUSAL_LM",
     )
     try:
-        return Policy(get_peft_model(model, lora), tokenizer)
+        return Policy(mixed_precision(get_peft_model(model, lora)), tokenizer)
     except ValueError as e:  # peft: target modules not found in the base model
         names = sorted(
             {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -155,6 +156,28 @@ def load_policy(cfg: Config, path: str, tokenizer, adapter: str | None = None) -
             f"--lora-target-modules {targets}: {str(e).splitlines()[0][:120]} This model's linear layers: "
             f"{', '.join(names)} (or all-linear)"
         ) from e
+
+
+def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
+    """A bf16 base with its float32 LoRA adapter: the decoder runs under autocast, so the
+    adapter's products run in bf16 as well (its float32 weights cast on the fly, their
+    gradients float32), which is what mixed-precision training does on a GPU. The weights,
+    the optimizer and the loss math stay float32. PEFT's cast of every adapter's input to
+    float32 is switched off (autocast casts): that cast and the mixed-dtype sum after it
+    were most of a bf16 forward's non-matmul time on the CPU (docs/benchmarks.md). The
+    base's own products were bf16 already, so the reference (adapter off) is unchanged.
+    A float32 model is returned as it is."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    embeddings = model.get_input_embeddings().weight
+    if embeddings.dtype != torch.bfloat16:
+        return model
+    decoder = model.get_decoder()
+    decoder.forward = torch.autocast(embeddings.device.type, dtype=torch.bfloat16)(decoder.forward)
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.cast_input_dtype_enabled = False
+    return model
 
 
 def load_weights(path: str, four_bit: bool, cuda: bool, cfg: Config):

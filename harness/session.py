@@ -104,7 +104,8 @@ def run(cfg: Config, train: Callable[[Run], int], template_given: bool = False) 
     dtype, why = resolve_dtype(cfg.dtype, torch.cuda.is_available(), cfg.full_finetune)
     cfg = dataclasses.replace(cfg, dtype=dtype)  # args.json records the dtype auto chose
     trained = "they train, with the optimizer," if cfg.full_finetune else "LoRA and the optimizer"
-    print(f"base weights in {dtype} ({why}); {trained} and the loss math in float32")
+    autocast = "; the adapter's products in bf16 (autocast)" if dtype == "bfloat16" else ""
+    print(f"base weights in {dtype} ({why}); {trained} and the loss math in float32{autocast}")
     if cfg.eval_only:
         out_dir, resume_from = run_folder.open_for_eval(dataclasses.asdict(cfg))
     else:
