@@ -163,8 +163,10 @@ def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
     adapter's products run in bf16 as well (its float32 weights cast on the fly, their
     gradients float32), which is what mixed-precision training does on a GPU. The weights,
     the optimizer and the loss math stay float32. PEFT's cast of every adapter's input to
-    float32 is switched off (autocast casts): that cast and the mixed-dtype sum after it
-    were most of a bf16 forward's non-matmul time on the CPU (docs/benchmarks.md). The
+    float32 is switched off (autocast casts): on the CPU that cast and the mixed-dtype sum
+    after it cost more than the adapter's products (docs/benchmarks.md). `generate` runs
+    under autocast as a whole, so the weights' bf16 copies are made once per call rather
+    than once per token (autocast drops them when its outermost context closes). The
     base's own products were bf16 already, so the reference (adapter off) is unchanged.
     A float32 model is returned as it is."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -172,8 +174,12 @@ def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
     embeddings = model.get_input_embeddings().weight
     if embeddings.dtype != torch.bfloat16:
         return model
+
+    def autocast(method):  # an instance each: one entered inside itself restores the wrong state
+        return torch.autocast(embeddings.device.type, dtype=torch.bfloat16)(method)
+
     decoder = model.get_decoder()
-    decoder.forward = torch.autocast(embeddings.device.type, dtype=torch.bfloat16)(decoder.forward)
+    decoder.forward, model.generate = autocast(decoder.forward), autocast(model.generate)
     for layer in model.modules():
         if isinstance(layer, BaseTunerLayer):
             layer.cast_input_dtype_enabled = False

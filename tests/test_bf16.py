@@ -89,6 +89,22 @@ def test_autocast_leaves_a_float32_model_and_the_reference_as_they_were(tiny_pat
     assert torch.equal(wrapped, unwrapped)
 
 
+def test_generate_runs_under_one_autocast_and_samples_the_same_tokens(tiny_path):
+    """The whole call under autocast (the LM head too, which sits outside the decoder), so
+    the adapter's bf16 weight copies last the call; the same tokens as per-step autocast,
+    and autocast off again afterwards."""
+    _, policy = bf16_policy(tiny_path)
+    model, seen = policy.model, []
+    model.get_output_embeddings().register_forward_pre_hook(
+        lambda *_: seen.append(torch.is_autocast_enabled("cpu"))
+    )
+    batch = rollout(model, policy.tokenizer, EXAMPLES[:2], 3, 6, temperature=1.0, seed=0)
+    assert seen and all(seen) and not torch.is_autocast_enabled("cpu")
+    model.generate = model.generate.__wrapped__  # autocast per decoder call only
+    again = rollout(model, policy.tokenizer, EXAMPLES[:2], 3, 6, temperature=1.0, seed=0)
+    assert not seen[-1] and torch.equal(batch.response_ids, again.response_ids)
+
+
 def test_the_lm_head_reads_a_contiguous_input_while_generating(tiny_path):
     """generate's first step gives the head a strided [B, 1, H] slice, which F.linear on a
     CPU serves by copying the whole head once per row (slow in bf16: bench/generate_bench);
