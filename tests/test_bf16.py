@@ -3,6 +3,8 @@ matrix units), on the CPU: the loss math from bf16 hidden states, the ratio, one
 resume, and what `auto` picks where the processor has no bf16 units."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +254,19 @@ def test_a_full_fine_tune_keeps_float32_under_auto_and_refuses_bf16(monkeypatch)
 
     with pytest.raises(UsageError, match="--dtype float32"):
         cli.parse(cli.given_flags(["--full-finetune", "--dtype", "bfloat16"]))
+
+
+def test_the_benchs_setting_without_autocast_is_pefts_float32_adapter_path(tiny_path):
+    """bench/dtype_bench.py's WITHOUT_AUTOCAST: mixed_precision undone, so the adapter's
+    product is float32 again (PEFT casts its input), outside any autocast."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import dtype_bench
+
+    _, policy = bf16_policy(tiny_path)
+    dtype_bench.without_autocast(policy.model)
+    seen = []
+    layer = next(m for m in policy.model.modules() if isinstance(m, LoraLinear))
+    layer.lora_A["default"].register_forward_hook(lambda _, a, out: seen.append(out.dtype))
+    batch = rollout(policy.model, policy.tokenizer, EXAMPLES[:2], 2, 4, seed=3)
+    assert seen and set(seen) == {torch.float32} and not torch.is_autocast_enabled("cpu")
+    assert batch.response_ids.shape[0] == 4
