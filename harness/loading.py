@@ -164,7 +164,8 @@ def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
     gradients float32), which is what mixed-precision training does on a GPU. The weights,
     the optimizer and the loss math stay float32. PEFT's cast of every adapter's input to
     float32 is switched off (autocast casts): on the CPU that cast and the mixed-dtype sum
-    after it cost more than the adapter's products (docs/benchmarks.md). `generate` runs
+    after it slow every pass (bench/dtype_bench.json, bf16 with and without autocast,
+    in docs/benchmarks.md). `generate` runs
     under autocast as a whole, so the weights' bf16 copies are made once per call rather
     than once per token (autocast drops them when its outermost context closes). The
     base's own products were bf16 already, so the reference (adapter off) is unchanged.

@@ -129,8 +129,8 @@ def test_loss_math_from_bf16_hidden_states_equals_float64_on_the_same_values(tin
     ~1e-7 relative. Tolerance: 1e-5 nats for log p and the KL, 1e-5 relative for the
     entropy (~log V = 6 nats); measured 4e-7, 5e-7 and 6e-6 absolute. bf16 itself costs
     more (the last assertion): against a float64 copy of the whole model the log-probs
-    differ by up to 3.5e-3 nats here, the rounding of the weights and of every layer's
-    activations, which no loss code can undo."""
+    differ by up to 5.8e-3 nats here, the rounding of the weights, of every layer's
+    activations and of the adapter's bf16 products, which no loss code can undo."""
     args, policy = bf16_policy(tiny_path, "--beta", "0.5")
     model, head = policy.model, policy.model.get_output_embeddings()
     batch = rollout(model, policy.tokenizer, EXAMPLES[:2], 4, 6, seed=3)
@@ -158,7 +158,7 @@ def test_loss_math_from_bf16_hidden_states_equals_float64_on_the_same_values(tin
         h64 = response_hidden(full.model, batch.student_ids, batch.student_mask, batch.response_ids, m)
         logp64, _, _ = score_tokens(full.model.get_output_embeddings(), h64, batch.response_ids, m)
     gap = float((logp.double() - logp64)[m].abs().max())
-    assert 1e-4 < gap < 2e-2  # bf16's own rounding: 3.5e-3 nats here
+    assert 1e-4 < gap < 2e-2  # bf16's own rounding: 5.8e-3 nats here
 
 
 def test_the_first_updates_ratio_in_bf16_is_one_whatever_the_batch_composition(tiny_path):
