@@ -5,7 +5,8 @@ small preset's prompts and sampling (T = 0.5), every call decoding exactly --tok
 (min_new_tokens = max_new_tokens), per dtype in a process of its own. Rows: 16 (one
 training step's rollout, 4 prompts x 4 samples), 60 (one evaluation's greedy call, 60
 questions) and 120 (its sampled call, 60 questions x 2). Settings:
-  loaded     as the project runs it: dynamic KV cache, the LM head fed a contiguous input
+  loaded     as the project runs it: dynamic KV cache, the LM head fed a contiguous input,
+             in bf16 the whole call under autocast (harness.loading.mixed_precision)
   strided    the same without loading's hook: the head gets generate's strided [B, 1, H]
              slice at the first step (how transformers calls it)
   static     cache_implementation="static" (a preallocated KV cache)
