@@ -40,13 +40,11 @@ WITHOUT_AUTOCAST = "bfloat16-no-autocast"
 
 def without_autocast(model) -> None:
     """Undo loading.mixed_precision on `model`: PEFT's float32 adapter path, no autocast."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from harness.loading import adapter_input_casts
 
     decoder = model.get_decoder()
     decoder.forward, model.generate = decoder.forward.__wrapped__, model.generate.__wrapped__
-    for layer in model.modules():
-        if isinstance(layer, BaseTunerLayer):
-            layer.cast_input_dtype_enabled = True
+    adapter_input_casts(model, True)
 
 
 def child(dtype: str, a) -> dict:
@@ -142,24 +140,39 @@ def run_children(script: str, dtypes: list[str], flags: list[str]) -> list[dict]
     return runs
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, out: str, dtypes: list[str]) -> argparse.ArgumentParser:
+    """The flags every per-dtype bench takes: --model, --dtypes, --out (bench/`out`),
+    --from-json, and the hidden --child its processes are started with."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", WITHOUT_AUTOCAST])
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--dtypes", nargs="+", default=dtypes)
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "dtype_bench.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / out)
     ap.add_argument("--from-json", action="store_true", help="print the table of --out, no runs")
-    a = ap.parse_args()
+    return ap
+
+
+def drive(a, script: str, child_fn, flags: list[str], table_fn, **fields) -> None:
+    """A per-dtype bench's main: as --child, one setting's timings as a JSON line; else
+    each of --dtypes in its own process, written to --out with the processor and `fields`
+    (unless --from-json); then the table of --out."""
     if a.child:
-        print(json.dumps(child(a.child, a)))
+        print(json.dumps(child_fn(a.child, a)))
         return
     if not a.from_json:
-        flags = ["--model", a.model, "--warmup", str(a.warmup), "--steps", str(a.steps)]
-        runs = run_children(__file__, a.dtypes, flags)
-        a.out.write_text(json.dumps({"machine": processor(), "model": a.model, "runs": runs}, indent=1))
-    print(table(json.loads(a.out.read_text())))
+        runs = run_children(script, a.dtypes, ["--model", a.model, *flags])
+        a.out.write_text(
+            json.dumps({"machine": processor(), "model": a.model, **fields, "runs": runs}, indent=1)
+        )
+    print(table_fn(json.loads(a.out.read_text())))
+
+
+def main() -> None:
+    ap = parser(__doc__, "dtype_bench.json", ["float32", "bfloat16", WITHOUT_AUTOCAST])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=4)
+    a = ap.parse_args()
+    drive(a, __file__, child, ["--warmup", str(a.warmup), "--steps", str(a.steps)], table)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ bench/generate_bench.json with the processor it ran on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from dtype_bench import processor, run_children  # noqa: E402
+from dtype_bench import drive, parser  # noqa: E402
 
 SETTINGS = ("loaded", "strided", "static", "compiled")
 # (rows, setting): every setting for a step's rollout; for evaluation's calls (60 rows: a
@@ -165,24 +164,11 @@ def table(data: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap = parser(__doc__, "generate_bench.json", ["float32", "bfloat16"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--calls", type=int, default=2)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "generate_bench.json")
-    ap.add_argument("--from-json", action="store_true", help="print the table of --out, no runs")
     a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(a.child, a)))
-        return
-    if not a.from_json:
-        flags = ["--model", a.model, "--tokens", str(a.tokens), "--calls", str(a.calls)]
-        runs = run_children(__file__, a.dtypes, flags)
-        result = {"machine": processor(), "model": a.model, "tokens": a.tokens, "runs": runs}
-        a.out.write_text(json.dumps(result, indent=1))
-    print(table(json.loads(a.out.read_text())))
+    drive(a, __file__, child, ["--tokens", str(a.tokens), "--calls", str(a.calls)], table, tokens=a.tokens)
 
 
 if __name__ == "__main__":

@@ -164,14 +164,11 @@ def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
     gradients float32), which is what mixed-precision training does on a GPU. The weights,
     the optimizer and the loss math stay float32. PEFT's cast of every adapter's input to
     float32 is switched off (autocast casts): on the CPU that cast and the mixed-dtype sum
-    after it slow every pass (bench/dtype_bench.json, bf16 with and without autocast,
-    in docs/benchmarks.md). `generate` runs
-    under autocast as a whole, so the weights' bf16 copies are made once per call rather
-    than once per token (autocast drops them when its outermost context closes). The
-    base's own products were bf16 already, so the reference (adapter off) is unchanged.
-    A float32 model is returned as it is."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+    after it slow every pass (bench/dtype_bench.json, bf16 with and without autocast, in
+    docs/benchmarks.md). `generate` runs under autocast as a whole, so the weights' bf16
+    copies are made once per call rather than once per token (autocast drops them when
+    its outermost context closes). The base's own products were bf16 already, so the
+    reference (adapter off) is unchanged. A float32 model is returned as it is."""
     embeddings = model.get_input_embeddings().weight
     if embeddings.dtype != torch.bfloat16:
         return model
@@ -181,10 +178,17 @@ def mixed_precision(model: torch.nn.Module) -> torch.nn.Module:
 
     decoder = model.get_decoder()
     decoder.forward, model.generate = autocast(decoder.forward), autocast(model.generate)
+    adapter_input_casts(model, False)
+    return model
+
+
+def adapter_input_casts(model: torch.nn.Module, enabled: bool) -> None:
+    """Whether PEFT casts each adapter layer's input to the adapter's dtype (its default)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     for layer in model.modules():
         if isinstance(layer, BaseTunerLayer):
-            layer.cast_input_dtype_enabled = False
-    return model
+            layer.cast_input_dtype_enabled = enabled
 
 
 def load_weights(path: str, four_bit: bool, cuda: bool, cfg: Config):
